@@ -1,0 +1,318 @@
+// The pybind11 module, built twice from this file: pyalexnet._cuda (kernels compiled by nvcc; arrays are
+// anything with __cuda_array_interface__, such as CuPy arrays and PyTorch CUDA tensors) and pyalexnet._emu
+// (kernels compiled by the host compiler against the emulator; arrays are anything with
+// __array_interface__, such as NumPy arrays).
+//
+// Every function checks each array's dtype, shape, C-contiguity and writability before it touches memory,
+// whatever the Python layer above already checked: a direct call with wrong arguments raises ValueError or
+// TypeError, it never reads or writes out of bounds. Then it releases the GIL and calls one launcher.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+#include "kernels.h"
+
+#if defined(PA_BACKEND_CUDA)
+#include <cuda_runtime.h>
+#define PA_MODULE _cuda
+#define PA_INTERFACE "__cuda_array_interface__"
+#define PA_ARRAY_KIND "a CUDA array (CuPy, or anything with __cuda_array_interface__)"
+#else
+namespace pa_emu {
+int worker_count();  // emu/runtime.cpp
+}
+#define PA_MODULE _emu
+#define PA_INTERFACE "__array_interface__"
+#define PA_ARRAY_KIND "a host array (NumPy, or anything with __array_interface__)"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+struct Array {
+    void* data;
+    std::vector<int64_t> shape;
+    int64_t size;
+};
+
+std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// Reads an array's interface and checks it. dtype is a typestr without byte order ("f4", "i4", "i8").
+Array array_arg(py::handle obj, const char* name, const char* dtype, bool writable) {
+    if (!py::hasattr(obj, PA_INTERFACE))
+        throw py::type_error(std::string(name) + ": expected " + PA_ARRAY_KIND + ", got " +
+                             std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    const py::dict iface = obj.attr(PA_INTERFACE);
+    const std::string typestr = py::str(iface["typestr"]);
+    if (typestr.size() < 2 || typestr.substr(1) != dtype || typestr[0] == '>')
+        throw py::type_error(std::string(name) + ": expected dtype " + dtype + " (little-endian), got " + typestr);
+    Array a;
+    a.size = 1;
+    for (py::handle d : py::tuple(iface["shape"])) {
+        a.shape.push_back(d.cast<int64_t>());
+        a.size *= a.shape.back();
+    }
+    const py::object strides = iface.contains("strides") ? py::object(iface["strides"]) : py::object(py::none());
+    if (!strides.is_none() && a.size > 0) {
+        const int64_t item = std::stoll(typestr.substr(2));
+        int64_t expect = item;
+        const py::tuple st(strides);
+        for (size_t i = a.shape.size(); i-- > 0;) {
+            if (a.shape[i] != 1 && st[i].cast<int64_t>() != expect)
+                throw py::value_error(std::string(name) + ": must be C-contiguous (got strides " +
+                                      std::string(py::str(strides)) + " for shape " + shape_str(a.shape) + ")");
+            expect *= a.shape[i];
+        }
+    }
+    const py::tuple data(iface["data"]);
+    a.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
+    if (writable && data[1].cast<bool>()) throw py::value_error(std::string(name) + ": is read-only, but it is written");
+    if (a.size > 0 && !a.data) throw py::value_error(std::string(name) + ": has a null data pointer");
+    return a;
+}
+
+void expect_shape(const Array& a, const char* name, const std::vector<int64_t>& shape) {
+    if (a.shape != shape)
+        throw py::value_error(std::string(name) + ": expected shape " + shape_str(shape) + ", got " + shape_str(a.shape));
+}
+
+void expect_rank(const Array& a, const char* name, size_t rank) {
+    if (a.shape.size() != rank)
+        throw py::value_error(std::string(name) + ": expected " + std::to_string(rank) + " dimensions, got shape " +
+                              shape_str(a.shape));
+}
+
+int int_dim(int64_t v, const char* what) {
+    if (v > 2147483647)
+        throw py::value_error(std::string(what) + " = " + std::to_string(v) + " exceeds the 2^31 - 1 that the kernel indexes");
+    return int(v);
+}
+
+float* f32(const Array& a) { return static_cast<float*>(a.data); }
+
+pa::Stream stream_arg(uintptr_t s) { return reinterpret_cast<pa::Stream>(s); }
+
+void relu_forward(py::handle x, py::handle y, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    expect_shape(ay, "y", ax.shape);
+    py::gil_scoped_release nogil;
+    pa::relu_forward(f32(ax), f32(ay), ax.size, stream_arg(stream));
+}
+
+void relu_backward(py::handle dy, py::handle y, py::handle dx, uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false), ay = array_arg(y, "y", "f4", false),
+                adx = array_arg(dx, "dx", "f4", true);
+    expect_shape(ay, "y", ady.shape);
+    expect_shape(adx, "dx", ady.shape);
+    py::gil_scoped_release nogil;
+    pa::relu_backward(f32(ady), f32(ay), f32(adx), ady.size, stream_arg(stream));
+}
+
+void sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b, float alpha, float beta,
+           py::object bias, uintptr_t stream) {
+    const Array aa = array_arg(a, "a", "f4", false), ab = array_arg(b, "b", "f4", false),
+                ac = array_arg(c, "c", "f4", true);
+    expect_rank(aa, "a", 2);
+    expect_rank(ab, "b", 2);
+    const int64_t M = trans_a ? aa.shape[1] : aa.shape[0], K = trans_a ? aa.shape[0] : aa.shape[1];
+    const int64_t Kb = trans_b ? ab.shape[1] : ab.shape[0], N = trans_b ? ab.shape[0] : ab.shape[1];
+    if (Kb != K)
+        throw py::value_error("b: inner dimensions disagree: op(a) is " + shape_str({M, K}) + ", op(b) is " +
+                              shape_str({Kb, N}));
+    expect_shape(ac, "c", {M, N});
+    const float* pbias = nullptr;
+    if (!bias.is_none()) {
+        const Array abias = array_arg(bias, "bias", "f4", false);
+        expect_shape(abias, "bias", {N});
+        pbias = f32(abias);
+    }
+    const int m = int_dim(M, "M"), n = int_dim(N, "N"), k = int_dim(K, "K");
+    const int lda = int_dim(aa.shape[1], "lda"), ldb = int_dim(ab.shape[1], "ldb");
+    py::gil_scoped_release nogil;
+    pa::sgemm(trans_a, trans_b, m, n, k, alpha, f32(aa), lda, f32(ab), ldb, beta, f32(ac), n, pbias, stream_arg(stream));
+}
+
+void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), aw = array_arg(w, "w", "f4", false),
+                ay = array_arg(y, "y", "f4", true);
+    expect_rank(ax, "x", 2);
+    expect_rank(aw, "w", 2);
+    const int64_t batch = ax.shape[0], in = ax.shape[1], out = aw.shape[0];
+    expect_shape(aw, "w", {out, in});
+    expect_shape(ay, "y", {batch, out});
+    const float* pb = nullptr;
+    if (!b.is_none()) {
+        const Array ab = array_arg(b, "b", "f4", false);
+        expect_shape(ab, "b", {out});
+        pb = f32(ab);
+    }
+    const int nb = int_dim(batch, "batch"), ni = int_dim(in, "in_features"), no = int_dim(out, "out_features");
+    py::gil_scoped_release nogil;
+    pa::linear_forward(f32(ax), f32(aw), pb, f32(ay), nb, ni, no, stream_arg(stream));
+}
+
+void linear_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py::handle dw, py::handle db,
+                     uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
+                aw = array_arg(w, "w", "f4", false), adx = array_arg(dx, "dx", "f4", true),
+                adw = array_arg(dw, "dw", "f4", true), adb = array_arg(db, "db", "f4", true);
+    expect_rank(ax, "x", 2);
+    expect_rank(aw, "w", 2);
+    const int64_t batch = ax.shape[0], in = ax.shape[1], out = aw.shape[0];
+    expect_shape(aw, "w", {out, in});
+    expect_shape(ady, "dy", {batch, out});
+    expect_shape(adx, "dx", {batch, in});
+    expect_shape(adw, "dw", {out, in});
+    expect_shape(adb, "db", {out});
+    const int nb = int_dim(batch, "batch"), ni = int_dim(in, "in_features"), no = int_dim(out, "out_features");
+    py::gil_scoped_release nogil;
+    pa::linear_backward(f32(ady), f32(ax), f32(aw), f32(adx), f32(adw), f32(adb), nb, ni, no, stream_arg(stream));
+}
+
+void softmax_xent(py::handle logits, py::handle labels, py::handle dlogits, py::handle row_loss, py::handle result,
+                  uintptr_t stream) {
+    const Array al = array_arg(logits, "logits", "f4", false), ad = array_arg(dlogits, "dlogits", "f4", true),
+                ar = array_arg(row_loss, "row_loss", "f4", true), ares = array_arg(result, "result", "f4", true);
+    expect_rank(al, "logits", 2);
+    const int64_t batch = al.shape[0], classes = al.shape[1];
+    if (batch < 1 || classes < 1)
+        throw py::value_error("logits: expected shape (batch >= 1, classes >= 1), got " + shape_str(al.shape));
+    const std::string typestr = py::str(labels.attr(PA_INTERFACE)["typestr"]);
+    const bool int64 = typestr.size() == 3 && typestr.substr(1) == "i8";
+    const Array alab = array_arg(labels, "labels", int64 ? "i8" : "i4", false);
+    expect_shape(alab, "labels", {batch});
+    expect_shape(ad, "dlogits", al.shape);
+    expect_shape(ar, "row_loss", {batch});
+    expect_shape(ares, "result", {2});
+    const int nb = int_dim(batch, "batch"), nc = int_dim(classes, "classes");
+    py::gil_scoped_release nogil;
+    pa::softmax_xent(f32(al), alab.data, int64, f32(ad), f32(ar), f32(ares), nb, nc, stream_arg(stream));
+}
+
+void sgd_update(py::handle w, py::handle dw, py::handle v, float lr, float momentum, float weight_decay,
+                uintptr_t stream) {
+    const Array aw = array_arg(w, "w", "f4", true), adw = array_arg(dw, "dw", "f4", false),
+                av = array_arg(v, "v", "f4", true);
+    expect_shape(adw, "dw", aw.shape);
+    expect_shape(av, "v", aw.shape);
+    if (!(std::isfinite(lr) && lr > 0.0f)) throw py::value_error("lr: expected a finite value > 0, got " + std::to_string(lr));
+    if (!(momentum >= 0.0f && momentum < 1.0f))
+        throw py::value_error("momentum: expected a value in [0, 1), got " + std::to_string(momentum));
+    if (!(std::isfinite(weight_decay) && weight_decay >= 0.0f))
+        throw py::value_error("weight_decay: expected a finite value >= 0, got " + std::to_string(weight_decay));
+    py::gil_scoped_release nogil;
+    pa::sgd_update(f32(aw), f32(adw), f32(av), aw.size, lr, momentum, weight_decay, stream_arg(stream));
+}
+
+void selftest_tiled_gemm(py::handle a, py::handle b, py::handle c, uintptr_t stream) {
+    const Array aa = array_arg(a, "a", "f4", false), ab = array_arg(b, "b", "f4", false),
+                ac = array_arg(c, "c", "f4", true);
+    expect_rank(aa, "a", 2);
+    expect_shape(ab, "b", {aa.shape[1], ab.shape.size() == 2 ? ab.shape[1] : -1});
+    expect_shape(ac, "c", {aa.shape[0], ab.shape[1]});
+    const int m = int_dim(aa.shape[0], "M"), n = int_dim(ab.shape[1], "N"), k = int_dim(aa.shape[1], "K");
+    py::gil_scoped_release nogil;
+    pa::selftest_tiled_gemm(f32(aa), f32(ab), f32(ac), m, n, k, stream_arg(stream));
+}
+
+void selftest_shuffle_sum(py::handle x, py::handle out, int variant, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), aout = array_arg(out, "out", "f4", true);
+    expect_rank(ax, "x", 1);
+    if (ax.size < 1) throw py::value_error("x: must not be empty");
+    const int n = int_dim(ax.size, "n");
+    expect_shape(aout, "out", {(n + 127) / 128});
+    if (variant < 0 || variant > 5) throw py::value_error("variant: expected 0..5");
+    py::gil_scoped_release nogil;
+    pa::selftest_shuffle_sum(f32(ax), f32(aout), n, variant, stream_arg(stream));
+}
+
+void selftest_dynamic_shared(py::handle x, py::handle y, int shared_floats, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    expect_rank(ax, "x", 1);
+    expect_shape(ay, "y", ax.shape);
+    if (ax.size < 1) throw py::value_error("x: must not be empty");
+    if (shared_floats < 1) throw py::value_error("shared_floats: expected >= 1");
+    const int n = int_dim(ax.size, "n");
+    py::gil_scoped_release nogil;
+    pa::selftest_dynamic_shared(f32(ax), f32(ay), n, shared_floats, stream_arg(stream));
+}
+
+void selftest_atomics(py::handle x, py::handle counters, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "i4", false), ac = array_arg(counters, "counters", "i4", true);
+    expect_rank(ax, "x", 1);
+    expect_shape(ac, "counters", {4});
+    if (ax.size < 1) throw py::value_error("x: must not be empty");
+    const int n = int_dim(ax.size, "n");
+    py::gil_scoped_release nogil;
+    pa::selftest_atomics(static_cast<const int*>(ax.data), static_cast<int*>(ac.data), n, stream_arg(stream));
+}
+
+void selftest_planted(const std::string& fault, py::handle scratch) {
+#if defined(PA_BACKEND_CUDA)
+    (void)fault;
+    (void)scratch;
+    throw py::value_error("selftest_planted: planted faults run on the emulator only (on a GPU several would hang)");
+#else
+    const Array as = array_arg(scratch, "scratch", "f4", true);
+    expect_shape(as, "scratch", {1024});
+    py::gil_scoped_release nogil;
+    pa::selftest_planted(fault.c_str(), f32(as), nullptr);
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(PA_MODULE, m) {
+    m.doc() = "pyalexnet kernels (see kernels/kernels.h for each launcher's contract)";
+    py::register_exception<pa::KernelError>(m, "KernelError", PyExc_RuntimeError);
+#if defined(PA_BACKEND_CUDA)
+    m.attr("backend") = "cuda";
+    m.def("device_count", [] {
+        int n = 0;
+        return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+    }, "Number of CUDA devices the driver reports (0 without a driver or a GPU).");
+    m.def("synchronize", [] {
+        py::gil_scoped_release nogil;
+        const cudaError_t err = cudaDeviceSynchronize();
+        if (err != cudaSuccess)
+            throw pa::KernelError(std::string("cudaDeviceSynchronize: ") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+    }, "Waits for every kernel; raises KernelError for an asynchronous fault.");
+#else
+    m.attr("backend") = "emu";
+#if defined(PA_EMU_FCONTEXT)
+    m.attr("fiber_switch") = "boost.context";
+#else
+    m.attr("fiber_switch") = "ucontext";
+#endif
+    m.def("worker_count", &pa_emu::worker_count, "Worker threads of the emulator (PYALEXNET_EMU_WORKERS).");
+    m.def("synchronize", [] {}, "Emulated launches are synchronous: nothing to wait for.");
+#endif
+    const auto s = py::arg("stream") = uintptr_t(0);
+    m.def("relu_forward", &relu_forward, py::arg("x"), py::arg("y"), s, "y = max(x, 0), NaN kept.");
+    m.def("relu_backward", &relu_backward, py::arg("dy"), py::arg("y"), py::arg("dx"), s, "dx = dy where y > 0, else 0.");
+    m.def("sgemm", &sgemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("trans_a") = false,
+          py::arg("trans_b") = false, py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("bias") = py::none(), s,
+          "c = alpha op(a) op(b) + beta c + bias (op transposes when trans_* is set).");
+    m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), s, "y = x w^T + b.");
+    m.def("linear_backward", &linear_backward, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("dx"), py::arg("dw"),
+          py::arg("db"), s, "dx = dy w, dw = dy^T x, db = sum_rows dy (all overwritten).");
+    m.def("softmax_xent", &softmax_xent, py::arg("logits"), py::arg("labels"), py::arg("dlogits"), py::arg("row_loss"),
+          py::arg("result"), s, "Per-row softmax cross-entropy and dlogits; result = [mean loss, bad labels].");
+    m.def("sgd_update", &sgd_update, py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"), py::arg("momentum"),
+          py::arg("weight_decay"), s, "v = momentum v - weight_decay lr w - lr dw; w += v (in place).");
+    m.def("selftest_tiled_gemm", &selftest_tiled_gemm, py::arg("a"), py::arg("b"), py::arg("c"), s);
+    m.def("selftest_shuffle_sum", &selftest_shuffle_sum, py::arg("x"), py::arg("out"), py::arg("variant"), s);
+    m.def("selftest_dynamic_shared", &selftest_dynamic_shared, py::arg("x"), py::arg("y"), py::arg("shared_floats"), s);
+    m.def("selftest_atomics", &selftest_atomics, py::arg("x"), py::arg("counters"), s);
+    m.def("selftest_planted", &selftest_planted, py::arg("fault"), py::arg("scratch"));
+}

@@ -1,0 +1,577 @@
+// The emulator's runtime: the worker pool, the fibers that stand for CUDA threads, the block scheduler,
+// barriers, warp collectives, and the checks that turn GPU-side undefined behaviour into a KernelError.
+//
+// Scheduling. A worker takes a block, gives each of its threads a fiber on a pre-allocated stack, and runs
+// the fibers round-robin. A fiber runs until it blocks (at __syncthreads or in a warp collective) or ends.
+// When a pass over the block finds nothing runnable, the scheduler decides:
+//   - every live thread waits at the same __syncthreads -> release them all;
+//   - some wait at a barrier while others have exited, or they wait at different barriers -> divergent barrier;
+//   - anything else (a collective waiting for a lane that never comes) -> deadlock.
+// A warp collective completes when the last lane of its mask arrives; results are computed then, from a
+// snapshot of what every participating lane brought, so a lane may exit right after it.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda_emu.h"
+
+#if defined(PA_EMU_FCONTEXT)
+#include <boost/context/detail/fcontext.hpp>
+#else
+#include <ucontext.h>
+#endif
+
+namespace pa_emu {
+
+__thread const uint3* t_thread_idx = nullptr;
+__thread uint3 t_block_idx = {0, 0, 0};
+__thread dim3 t_block_dim;
+__thread dim3 t_grid_dim;
+__thread unsigned char* t_dynamic_shared = nullptr;
+
+namespace {
+
+// The GPU's limits (compute capability 8.0-9.0).
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxBlockZ = 64;
+constexpr unsigned long long kMaxGridX = 2147483647ull;
+constexpr unsigned kMaxGridYZ = 65535;
+constexpr size_t kDefaultDynamicShared = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
+constexpr size_t kMaxDynamicShared = 227 * 1024;     // Hopper's opt-in ceiling per block
+
+constexpr size_t kStackBytes = 64 * 1024;  // peak use measured under 4 KB; the rest is margin
+constexpr size_t kGuardBytes = 4096;       // an overflow faults instead of corrupting a neighbour
+
+enum class State : unsigned char { Runnable, AtBarrier, InCollective, Done };
+
+struct Group;
+
+struct Fiber {
+#if defined(PA_EMU_FCONTEXT)
+    boost::context::detail::fcontext_t context = nullptr;  // where the fiber is suspended
+    boost::context::detail::fcontext_t caller = nullptr;   // where the scheduler is
+#else
+    ucontext_t context;
+#endif
+    uint3 idx = {0, 0, 0};
+    int linear = 0;
+    State state = State::Done;
+    const char* file = nullptr;  // where it waits
+    int line = 0;
+    Group* group = nullptr;
+};
+
+// One warp collective in progress: lanes arrive one by one; it completes when `arrived == mask`.
+struct Group {
+    bool in_use = false;
+    Collective kind = Collective::SyncWarp;
+    unsigned mask = 0;
+    unsigned arrived = 0;
+    int readers = 0;  // lanes that have not yet collected their result
+    const char* file = nullptr;
+    int line = 0;
+    int width = 32;
+    uint64_t value[32] = {};
+    int arg[32] = {};
+    uint64_t out[32] = {};
+};
+
+const char* collective_name(Collective k) {
+    switch (k) {
+        case Collective::SyncWarp: return "__syncwarp";
+        case Collective::ShflIdx: return "__shfl_sync";
+        case Collective::ShflUp: return "__shfl_up_sync";
+        case Collective::ShflDown: return "__shfl_down_sync";
+        case Collective::ShflXor: return "__shfl_xor_sync";
+        case Collective::Ballot: return "__ballot_sync";
+        case Collective::Any: return "__any_sync";
+        case Collective::All: return "__all_sync";
+    }
+    return "?";
+}
+
+std::string fmt_idx(const uint3& v) {
+    return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
+}
+
+std::string fmt_hex(unsigned v) {
+    char buf[16];
+    std::snprintf(buf, sizeof buf, "0x%08x", v);
+    return buf;
+}
+
+std::string site(const char* file, int line) { return std::string(file) + ":" + std::to_string(line); }
+
+// Everything one worker owns: fiber stacks, the current block's fibers and collectives, dynamic shared memory.
+struct Worker {
+    unsigned char* stacks = nullptr;
+    std::vector<Fiber> fibers = std::vector<Fiber>(kMaxThreadsPerBlock);
+    std::vector<std::vector<Group>> groups = std::vector<std::vector<Group>>(kMaxThreadsPerBlock / 32);
+    unsigned char* dynamic_shared = nullptr;
+    size_t dynamic_capacity = 0;
+    int nthreads = 0;
+    const std::function<void()>* body = nullptr;
+    std::string error;  // the first fault of the current block, empty if none
+#if !defined(PA_EMU_FCONTEXT)
+    ucontext_t scheduler;
+#endif
+
+    Worker() {
+        const size_t total = kMaxThreadsPerBlock * (kStackBytes + kGuardBytes);
+        void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            std::fprintf(stderr, "pyalexnet emulator: cannot reserve fiber stacks\n");
+            std::abort();
+        }
+        stacks = static_cast<unsigned char*>(p);
+        // A warp has at most 32 collectives open (each holds a lane that has not read its result yet), so
+        // this never reallocates under the Group* that waiting fibers hold.
+        for (auto& warp : groups) warp.reserve(32);
+        for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i) mprotect(stacks + i * (kStackBytes + kGuardBytes), kGuardBytes, PROT_NONE);
+    }
+    unsigned char* stack_base(int i) { return stacks + size_t(i) * (kStackBytes + kGuardBytes) + kGuardBytes; }
+};
+
+__thread Worker* t_worker = nullptr;
+__thread Fiber* t_fiber = nullptr;
+
+void record_error(Worker& w, const std::string& msg) {
+    if (w.error.empty()) w.error = msg;
+}
+
+std::string thread_at(const Fiber& f) { return "thread " + fmt_idx(f.idx); }
+
+// ---- context switching ---------------------------------------------------------------------------------
+void run_thread_body(Fiber* f) {
+    try {
+        (*t_worker->body)();
+    } catch (const std::exception& e) {
+        record_error(*t_worker, e.what());
+    }
+    f->state = State::Done;
+}
+
+#if defined(PA_EMU_FCONTEXT)
+namespace ctx = boost::context::detail;
+
+void fiber_entry(ctx::transfer_t t) {
+    Fiber* f = static_cast<Fiber*>(t.data);
+    f->caller = t.fctx;
+    run_thread_body(f);
+    ctx::jump_fcontext(f->caller, nullptr);  // never resumed again
+}
+void start_fiber(Worker& w, Fiber& f, int i) {
+    f.context = ctx::make_fcontext(w.stack_base(i) + kStackBytes, kStackBytes, fiber_entry);
+}
+void resume(Worker&, Fiber& f) {
+    ctx::transfer_t t = ctx::jump_fcontext(f.context, &f);
+    f.context = t.fctx;
+}
+void yield(Worker&, Fiber& f) {
+    ctx::transfer_t t = ctx::jump_fcontext(f.caller, nullptr);
+    f.caller = t.fctx;
+}
+#else
+void fiber_entry() {
+    Fiber* f = t_fiber;
+    run_thread_body(f);
+    setcontext(&t_worker->scheduler);  // never resumed again
+}
+void start_fiber(Worker& w, Fiber& f, int i) {
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = w.stack_base(i);
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_entry, 0);
+}
+void resume(Worker& w, Fiber& f) { swapcontext(&w.scheduler, &f.context); }
+void yield(Worker& w, Fiber& f) { swapcontext(&f.context, &w.scheduler); }
+#endif
+
+// Suspends the calling fiber until the scheduler makes it runnable again. A block that has failed never
+// resumes its fibers, so a fault cannot cascade into a second one.
+void block_until_runnable(Fiber& f) {
+    Worker& w = *t_worker;
+    yield(w, f);
+    t_fiber = &f;
+    t_thread_idx = &f.idx;
+}
+
+// ---- the scheduler's decisions when nothing can run -------------------------------------------------------
+void resolve_stall(Worker& w) {
+    const int n = w.nthreads;
+    const Fiber* at_barrier = nullptr;
+    const Fiber* exited = nullptr;
+    const Fiber* in_collective = nullptr;
+    for (int i = 0; i < n; ++i) {
+        const Fiber& f = w.fibers[i];
+        if (f.state == State::AtBarrier && !at_barrier) at_barrier = &f;
+        if (f.state == State::Done && !exited) exited = &f;
+        if (f.state == State::InCollective && !in_collective) in_collective = &f;
+    }
+    if (in_collective) {
+        const Group& g = *in_collective->group;
+        std::string why;
+        const int warp = in_collective->linear / 32;
+        for (int lane = 0; lane < 32 && why.empty(); ++lane) {
+            if (!(g.mask >> lane & 1u) || (g.arrived >> lane & 1u)) continue;
+            const Fiber& missing = w.fibers[warp * 32 + lane];
+            if (missing.state == State::Done)
+                why = "lane " + std::to_string(lane) + " (" + thread_at(missing) + ") has exited";
+            else if (missing.state == State::AtBarrier)
+                why = "lane " + std::to_string(lane) + " (" + thread_at(missing) + ") waits at __syncthreads() at " +
+                      site(missing.file, missing.line);
+            else
+                why = "lane " + std::to_string(lane) + " (" + thread_at(missing) + ") waits in another collective at " +
+                      site(missing.file, missing.line);
+        }
+        record_error(w, "deadlock: " + thread_at(*in_collective) + " waits in " + collective_name(g.kind) + " at " +
+                            site(g.file, g.line) + " with mask " + fmt_hex(g.mask) + ", but " + why);
+        return;
+    }
+    if (!at_barrier) return;  // every thread is done
+    if (exited) {
+        record_error(w, "divergent __syncthreads(): " + thread_at(*exited) +
+                            " exited without reaching the barrier at " + site(at_barrier->file, at_barrier->line) +
+                            " where " + thread_at(*at_barrier) + " waits");
+        return;
+    }
+    for (int i = 0; i < n; ++i) {
+        const Fiber& f = w.fibers[i];
+        if (f.line != at_barrier->line || std::strcmp(f.file, at_barrier->file) != 0) {
+            record_error(w, "divergent __syncthreads(): " + thread_at(*at_barrier) + " waits at " +
+                                site(at_barrier->file, at_barrier->line) + " but " + thread_at(f) + " waits at " +
+                                site(f.file, f.line));
+            return;
+        }
+    }
+    for (int i = 0; i < n; ++i) w.fibers[i].state = State::Runnable;
+}
+
+void run_block(Worker& w, const LaunchInfo& info, long long linear_block) {
+    const dim3 g = info.grid, b = info.block;
+    t_block_idx = {unsigned(linear_block % g.x), unsigned(linear_block / g.x % g.y), unsigned(linear_block / (g.x * 1ull * g.y))};
+    t_block_dim = b;
+    t_grid_dim = g;
+    t_dynamic_shared = w.dynamic_shared;
+    // Shared memory is not initialised on the GPU: poison it (every float reads as NaN) so a kernel that
+    // reads before writing gets garbage here too.
+    if (info.dynamic_shared) std::memset(w.dynamic_shared, 0xff, info.dynamic_shared);
+    w.nthreads = int(b.x * b.y * b.z);
+    for (int i = 0; i < w.nthreads; ++i) {
+        Fiber& f = w.fibers[i];
+        f.idx = {unsigned(i) % b.x, unsigned(i) / b.x % b.y, unsigned(i) / (b.x * b.y)};
+        f.linear = i;
+        f.state = State::Runnable;
+        f.group = nullptr;
+        start_fiber(w, f, i);
+    }
+    for (auto& warp : w.groups)
+        for (auto& grp : warp) grp.in_use = false;
+    w.error.clear();
+    for (;;) {
+        bool ran = false;
+        for (int i = 0; i < w.nthreads; ++i) {
+            Fiber& f = w.fibers[i];
+            if (f.state != State::Runnable) continue;
+            ran = true;
+            t_fiber = &f;
+            t_thread_idx = &f.idx;
+            resume(w, f);
+            if (!w.error.empty()) return;
+        }
+        if (!ran) {
+            resolve_stall(w);
+            if (!w.error.empty()) return;
+            bool any_runnable = false;
+            for (int i = 0; i < w.nthreads && !any_runnable; ++i) any_runnable = w.fibers[i].state == State::Runnable;
+            if (!any_runnable) return;  // all done
+        }
+    }
+}
+
+// ---- the pool ---------------------------------------------------------------------------------------------
+struct Job {
+    const LaunchInfo* info = nullptr;
+    const std::function<void()>* body = nullptr;
+    long long nblocks = 0;
+    std::atomic<long long> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex error_mutex;
+    std::string error;
+};
+
+void work_on(Worker& w, Job& job) {
+    w.body = job.body;
+    if (job.info->dynamic_shared > w.dynamic_capacity) {
+        std::free(w.dynamic_shared);
+        w.dynamic_capacity = (job.info->dynamic_shared + 4095) / 4096 * 4096;
+        w.dynamic_shared = static_cast<unsigned char*>(std::aligned_alloc(128, w.dynamic_capacity));
+    }
+    for (;;) {
+        if (job.failed.load(std::memory_order_relaxed)) return;
+        const long long blk = job.next.fetch_add(1, std::memory_order_relaxed);
+        if (blk >= job.nblocks) return;
+        run_block(w, *job.info, blk);
+        if (!w.error.empty()) {
+            std::lock_guard<std::mutex> lk(job.error_mutex);
+            if (!job.failed.load()) {
+                job.error = "block " + fmt_idx(t_block_idx) + ": " + w.error;
+                job.failed.store(true);
+            }
+            return;
+        }
+    }
+}
+
+// Created once and never destroyed: destroying a condition variable that workers wait on at exit hangs.
+class Pool {
+public:
+    explicit Pool(int n) : size_(n) {
+        for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
+    }
+    int size() const { return size_; }
+
+    void run(Job& job) {
+        std::lock_guard<std::mutex> serial(launch_mutex_);  // one launch at a time, as on one stream
+        std::unique_lock<std::mutex> lk(m_);
+        job_ = &job;
+        busy_ = size_;
+        ++generation_;
+        wake_.notify_all();
+        done_.wait(lk, [this] { return busy_ == 0; });
+        job_ = nullptr;
+    }
+
+private:
+    void loop() {
+        Worker w;
+        t_worker = &w;
+        unsigned long long seen = 0;
+        for (;;) {
+            Job* job;
+            {
+                std::unique_lock<std::mutex> lk(m_);
+                wake_.wait(lk, [&] { return generation_ != seen; });
+                seen = generation_;
+                job = job_;
+            }
+            work_on(w, *job);
+            std::lock_guard<std::mutex> lk(m_);
+            if (--busy_ == 0) done_.notify_all();
+        }
+    }
+
+    int size_;
+    std::mutex launch_mutex_, m_;
+    std::condition_variable wake_, done_;
+    Job* job_ = nullptr;
+    int busy_ = 0;
+    unsigned long long generation_ = 0;
+};
+
+int configured_workers() {
+    if (const char* s = std::getenv("PYALEXNET_EMU_WORKERS")) {
+        char* end = nullptr;
+        const long v = std::strtol(s, &end, 10);
+        if (end != s && *end == '\0' && v >= 1 && v <= 1024) return int(v);
+        throw pa::KernelError("PYALEXNET_EMU_WORKERS must be an integer in [1, 1024], got '" + std::string(s) + "'");
+    }
+    const unsigned hw = std::thread::hardware_concurrency();
+    return hw ? int(hw) : 1;
+}
+
+Pool& pool() {
+    static Pool* p = new Pool(configured_workers());
+    return *p;
+}
+
+std::mutex& optin_mutex() {
+    static std::mutex* m = new std::mutex;
+    return *m;
+}
+std::map<const void*, size_t>& optins() {
+    static auto* m = new std::map<const void*, size_t>;
+    return *m;
+}
+
+}  // namespace
+
+int worker_count() { return pool().size(); }
+
+void set_max_dynamic_shared(const void* kernel, size_t bytes) {
+    if (bytes > kMaxDynamicShared)
+        throw pa::KernelError("set_max_dynamic_shared: " + std::to_string(bytes) + " bytes exceeds the device's " +
+                              std::to_string(kMaxDynamicShared) + " bytes of shared memory per block");
+    std::lock_guard<std::mutex> lk(optin_mutex());
+    optins()[kernel] = bytes;
+}
+
+// ---- what kernel code calls ----------------------------------------------------------------------------------
+void syncthreads(const char* file, int line) {
+    Fiber& f = *t_fiber;
+    f.state = State::AtBarrier;
+    f.file = file;
+    f.line = line;
+    block_until_runnable(f);
+}
+
+namespace {
+
+[[noreturn]] void collective_error(const Fiber& f, Collective kind, const char* file, int line, const std::string& what) {
+    throw pa::KernelError(std::string(collective_name(kind)) + " at " + site(file, line) + ", " + thread_at(f) +
+                          " (lane " + std::to_string(f.linear % 32) + "): " + what);
+}
+
+// The lane each participant reads, by CUDA's rules for `width`; -1 for "its own value".
+int source_lane(Collective kind, int lane, int arg, int width) {
+    const int segment = lane & ~(width - 1);
+    switch (kind) {
+        case Collective::ShflIdx: return segment + (arg & (width - 1));
+        case Collective::ShflUp: return (lane - segment) >= arg ? lane - arg : -1;
+        case Collective::ShflDown: return (lane - segment) + arg < width ? lane + arg : -1;
+        case Collective::ShflXor: {
+            const int src = lane ^ arg;
+            return src < segment + width ? src : -1;
+        }
+        default: return -1;
+    }
+}
+
+void complete(Worker& w, Group& g, int warp) {
+    const bool vote = g.kind == Collective::Ballot || g.kind == Collective::Any || g.kind == Collective::All;
+    unsigned ballot = 0;
+    if (vote)
+        for (int lane = 0; lane < 32; ++lane)
+            if ((g.mask >> lane & 1u) && g.value[lane]) ballot |= 1u << lane;
+    for (int lane = 0; lane < 32; ++lane) {
+        if (!(g.mask >> lane & 1u)) continue;
+        const Fiber& reader = w.fibers[warp * 32 + lane];
+        switch (g.kind) {
+            case Collective::SyncWarp: g.out[lane] = 0; break;
+            case Collective::Ballot: g.out[lane] = ballot; break;
+            case Collective::Any: g.out[lane] = ballot != 0; break;
+            case Collective::All: g.out[lane] = ballot == g.mask; break;
+            default: {
+                const int src = source_lane(g.kind, lane, g.arg[lane], g.width);
+                if (src >= 0 && !(g.mask >> src & 1u))
+                    collective_error(reader, g.kind, g.file, g.line,
+                                     "reads lane " + std::to_string(src) + ", which is not in the mask " + fmt_hex(g.mask) +
+                                         " (an inactive lane: the value is undefined on the GPU)");
+                g.out[lane] = src >= 0 ? g.value[src] : g.value[lane];
+            }
+        }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+        Fiber& f = w.fibers[warp * 32 + lane];
+        if ((g.mask >> lane & 1u) && f.state == State::InCollective && f.group == &g) f.state = State::Runnable;
+    }
+}
+
+}  // namespace
+
+uint64_t warp_collective(Collective kind, const char* file, int line, unsigned mask, uint64_t value, int arg, int width) {
+    Worker& w = *t_worker;
+    Fiber& f = *t_fiber;
+    const int lane = f.linear % 32, warp = f.linear / 32;
+    if (width < 1 || width > 32 || (width & (width - 1)))
+        collective_error(f, kind, file, line, "width " + std::to_string(width) + " is not a power of two in [1, 32]");
+    if (!(mask >> lane & 1u))
+        collective_error(f, kind, file, line, "the mask " + fmt_hex(mask) + " does not include the calling lane");
+    const int lanes_in_warp = std::min(32, w.nthreads - warp * 32);
+    if (lanes_in_warp < 32 && (mask >> lanes_in_warp))
+        collective_error(f, kind, file, line, "the mask " + fmt_hex(mask) + " names lanes beyond the block's last thread");
+
+    std::vector<Group>& groups = w.groups[warp];
+    Group* g = nullptr;
+    for (Group& cand : groups) {
+        if (!cand.in_use || cand.arrived == cand.mask || !(cand.mask & mask)) continue;
+        if (cand.mask != mask)
+            collective_error(f, kind, file, line,
+                             "called with mask " + fmt_hex(mask) + " while lanes " + fmt_hex(cand.arrived) + " wait in " +
+                                 collective_name(cand.kind) + " at " + site(cand.file, cand.line) + " with mask " +
+                                 fmt_hex(cand.mask));
+        if (cand.kind != kind || (kind != Collective::SyncWarp && (cand.line != line || std::strcmp(cand.file, file) != 0)))
+            collective_error(f, kind, file, line,
+                             "divergent warp collective: lanes " + fmt_hex(cand.arrived) + " of the same mask wait in " +
+                                 collective_name(cand.kind) + " at " + site(cand.file, cand.line));
+        if (cand.arrived >> lane & 1u)
+            collective_error(f, kind, file, line, "lane arrived twice at one collective");
+        g = &cand;
+        break;
+    }
+    if (!g) {
+        for (Group& cand : groups)
+            if (!cand.in_use) {
+                g = &cand;
+                break;
+            }
+        if (!g) g = &groups.emplace_back();
+        g->in_use = true;
+        g->kind = kind;
+        g->mask = mask;
+        g->arrived = 0;
+        g->readers = __builtin_popcount(mask);
+        g->file = file;
+        g->line = line;
+        g->width = width;
+    }
+    if (g->width != width)
+        collective_error(f, kind, file, line, "lanes disagree on the width (" + std::to_string(width) + " vs " +
+                                                  std::to_string(g->width) + ")");
+    g->value[lane] = value;
+    g->arg[lane] = arg;
+    g->arrived |= 1u << lane;
+    if (g->arrived == g->mask) {
+        complete(w, *g, warp);
+    } else {
+        f.state = State::InCollective;
+        f.group = g;
+        f.file = file;
+        f.line = line;
+        block_until_runnable(f);
+    }
+    f.group = nullptr;
+    const uint64_t result = g->out[lane];
+    if (--g->readers == 0) g->in_use = false;
+    return result;
+}
+
+void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_body) {
+    const std::string where = "kernel " + std::string(info.name) + " (launched at " + site(info.file, info.line) + ")";
+    const dim3 g = info.grid, b = info.block;
+    const unsigned long long threads = 1ull * b.x * b.y * b.z;
+    if (threads == 0 || threads > kMaxThreadsPerBlock || b.x > kMaxThreadsPerBlock || b.y > kMaxThreadsPerBlock ||
+        b.z > kMaxBlockZ)
+        throw pa::KernelError(where + ": invalid block " + fmt_idx({b.x, b.y, b.z}) +
+                              ": a block has 1 to 1024 threads (z at most 64)");
+    if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > kMaxGridX || g.y > kMaxGridYZ || g.z > kMaxGridYZ)
+        throw pa::KernelError(where + ": invalid grid " + fmt_idx({g.x, g.y, g.z}) +
+                              ": x in [1, 2^31-1], y and z in [1, 65535]");
+    size_t allowed = kDefaultDynamicShared;
+    {
+        std::lock_guard<std::mutex> lk(optin_mutex());
+        auto it = optins().find(info.kernel);
+        if (it != optins().end()) allowed = std::max(allowed, it->second);
+    }
+    if (info.dynamic_shared > allowed)
+        throw pa::KernelError(where + ": requests " + std::to_string(info.dynamic_shared) +
+                              " bytes of dynamic shared memory but the kernel may use " + std::to_string(allowed) +
+                              " (opt in with pa::set_max_dynamic_shared, at most " + std::to_string(kMaxDynamicShared) + ")");
+    Job job;
+    job.info = &info;
+    job.body = &thread_body;
+    job.nblocks = (long long)g.x * g.y * g.z;
+    pool().run(job);
+    if (job.failed) throw pa::KernelError(where + ", " + job.error);
+}
+
+}  // namespace pa_emu

@@ -1,0 +1,50 @@
+// The launchers: host functions, one per operation, that pick a kernel variant and launch it on `stream`.
+// Plain C++ (no CUDA types), so the pybind11 bindings compile against it for either backend. Pointers are
+// device pointers on the cuda backend and host pointers on the emu backend; every array is dense row-major
+// float32 unless stated. Sizes are validated by the bindings before a launcher is called; a launcher throws
+// pa::KernelError if a launch fails.
+#pragma once
+
+#include <cstdint>
+
+namespace pa {
+
+using Stream = void*;  // a cudaStream_t; ignored by the emulator, whose launches are synchronous
+
+// relu.cu
+void relu_forward(const float* x, float* y, int64_t n, Stream stream);
+void relu_backward(const float* dy, const float* y, float* dx, int64_t n, Stream stream);
+
+// gemm.cu: C[M,N] = alpha * op(A) op(B) + beta * C + bias[n]   (bias may be null; beta == 0 never reads C)
+// op(A) is A stored (M, K) with row stride lda, or (K, M) if trans_a; op(B) is B stored (K, N), or (N, K) if trans_b.
+void sgemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
+           int ldb, float beta, float* C, int ldc, const float* bias, Stream stream);
+
+// linear.cu: y = x w^T + b, and its gradients (dw, db overwritten).
+void linear_forward(const float* x, const float* w, const float* b, float* y, int batch, int in, int out,
+                    Stream stream);
+void linear_backward(const float* dy, const float* x, const float* w, float* dx, float* dw, float* db, int batch,
+                     int in, int out, Stream stream);
+// db[n] = sum_m dy[m, n], in a fixed order (deterministic).
+void bias_backward(const float* dy, float* db, int rows, int cols, Stream stream);
+
+// softmax_xent.cu: per-row loss and dlogits = (softmax - onehot) / batch; result[0] = mean loss,
+// result[1] = how many labels fall outside [0, classes) (those rows get NaN loss and gradient).
+void softmax_xent(const float* logits, const void* labels, bool labels_int64, float* dlogits, float* row_loss,
+                  float* result, int batch, int classes, Stream stream);
+
+// sgd.cu: the paper's rule, in place: v = momentum v - weight_decay lr w - lr dw; w += v.
+void sgd_update(float* w, const float* dw, float* v, int64_t n, float lr, float momentum, float weight_decay,
+                Stream stream);
+
+// selftest.cu: small kernels that exercise the emulator (and run on the GPU too, except the planted faults).
+void selftest_tiled_gemm(const float* A, const float* B, float* C, int M, int N, int K, Stream stream);
+void selftest_shuffle_sum(const float* x, float* out, int n, int variant, Stream stream);
+void selftest_dynamic_shared(const float* x, float* y, int n, int shared_floats, Stream stream);
+void selftest_atomics(const int* x, int* counters, int n, Stream stream);
+// Launches a deliberately faulty kernel (emulator only): "divergent_barrier", "exit_before_barrier",
+// "deadlock", "inactive_lane", "too_many_threads", "grid_too_large", "dynamic_shared_over_limit",
+// "dynamic_shared_over_optin", "mask_mismatch".
+void selftest_planted(const char* fault, float* scratch, Stream stream);
+
+}  // namespace pa

@@ -1,0 +1,180 @@
+// Test-only kernels. The first four are ordinary, correct CUDA that exercise one emulator mechanism each
+// (they run on the GPU too, so the same test checks both backends). The planted faults below them are
+// deliberately wrong, to prove that the emulator reports each fault instead of hanging or crashing; they
+// are launched on the emulator only (on a GPU several would hang).
+#include <cstring>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace pa {
+
+// ---- a textbook tiled GEMM: C[M,N] = A[M,K] B[K,N], TILE x TILE threads, two barriers per K-tile -------------
+template <int TILE>
+__global__ void __launch_bounds__(TILE * TILE)
+    selftest_tiled_gemm_kernel(const float* A, const float* B, float* C, int M, int N, int K) {
+    __shared__ float As[TILE][TILE];
+    __shared__ float Bs[TILE][TILE + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int row = blockIdx.y * TILE + ty, col = blockIdx.x * TILE + tx;
+    float acc = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += TILE) {
+        As[ty][tx] = (row < M && k0 + tx < K) ? A[int64_t(row) * K + k0 + tx] : 0.0f;
+        Bs[ty][tx] = (k0 + ty < K && col < N) ? B[int64_t(k0 + ty) * N + col] : 0.0f;
+        __syncthreads();
+        for (int k = 0; k < TILE; ++k) acc += As[ty][k] * Bs[k][tx];
+        __syncthreads();
+    }
+    if (row < M && col < N) C[int64_t(row) * N + col] = acc;
+}
+
+void selftest_tiled_gemm(const float* A, const float* B, float* C, int M, int N, int K, Stream stream) {
+    constexpr int T = 16;
+    PA_LAUNCH((selftest_tiled_gemm_kernel<T>), dim3(ceil_div(N, T), ceil_div(M, T)), dim3(T, T), 0,
+              as_stream(stream), A, B, C, M, N, K);
+}
+
+// ---- warp collectives: each variant reduces the block's slice of x to out[block] by another route ------------
+//   0: butterfly sum (__shfl_xor_sync)          1: tree sum (__shfl_down_sync)
+//   2: inclusive scan (__shfl_up_sync), lane 31  3: count of x > 0 (__ballot_sync)
+//   4: per warp, any(x > 0) + 1000 * all(x > 0) 5: sums within groups of 8 lanes (width 8), broadcast
+//      (__any_sync, __all_sync)                    from each group's lane 0 (__shfl_sync), then added
+__global__ void __launch_bounds__(128) selftest_shuffle_kernel(const float* x, float* out, int n, int variant) {
+    __shared__ float warp_totals[4];
+    const int i = blockIdx.x * 128 + threadIdx.x;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const float v = i < n ? x[i] : 0.0f;
+    const unsigned full = 0xffffffffu;
+    float total = 0.0f;
+    if (variant == 0) {
+        total = v;
+        for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(full, total, o);
+    } else if (variant == 1) {
+        total = v;
+        for (int o = 16; o > 0; o >>= 1) total += __shfl_down_sync(full, total, o);
+        total = __shfl_sync(full, total, 0);
+    } else if (variant == 2) {
+        float scan = v;
+        for (int o = 1; o < 32; o <<= 1) {
+            const float up = __shfl_up_sync(full, scan, o);
+            if (lane >= o) scan += up;
+        }
+        total = __shfl_sync(full, scan, 31);
+    } else if (variant == 3) {
+        total = float(__popc(__ballot_sync(full, v > 0.0f)));
+    } else if (variant == 4) {
+        total = float(__any_sync(full, v > 0.0f)) + 1000.0f * float(__all_sync(full, v > 0.0f));
+    } else {
+        float group = v;
+        for (int o = 4; o > 0; o >>= 1) group += __shfl_xor_sync(full, group, o, 8);
+        const float leader = __shfl_sync(full, group, 0, 8);  // every lane of a group gets its lane 0's sum
+        total = 0.0f;
+        for (int g = 0; g < 4; ++g) total += __shfl_sync(full, leader, g * 8);
+    }
+    __syncwarp();
+    if (lane == 0) warp_totals[warp] = total;
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = warp_totals[0] + warp_totals[1] + warp_totals[2] + warp_totals[3];
+}
+
+void selftest_shuffle_sum(const float* x, float* out, int n, int variant, Stream stream) {
+    PA_LAUNCH(selftest_shuffle_kernel, ceil_div(n, 128), 128, 0, as_stream(stream), x, out, n, variant);
+}
+
+// ---- dynamic shared memory: each block reverses its tile of `tile` floats through shared memory -----------
+__global__ void __launch_bounds__(128) selftest_reverse_tiles(const float* x, float* y, int n, int tile) {
+    PA_DYNAMIC_SHARED(float, buf);
+    const int64_t base = int64_t(blockIdx.x) * tile;
+    const int len = int(min(int64_t(tile), int64_t(n) - base));
+    for (int i = threadIdx.x; i < len; i += blockDim.x) buf[i] = x[base + i];
+    __syncthreads();
+    for (int i = threadIdx.x; i < len; i += blockDim.x) y[base + i] = buf[len - 1 - i];
+}
+
+void selftest_dynamic_shared(const float* x, float* y, int n, int shared_floats, Stream stream) {
+    const size_t bytes = size_t(shared_floats) * sizeof(float);
+    if (bytes > 48 * 1024) set_max_dynamic_shared(selftest_reverse_tiles, bytes);
+    PA_LAUNCH(selftest_reverse_tiles, ceil_div(n, shared_floats), 128, bytes, as_stream(stream), x, y, n,
+              shared_floats);
+}
+
+// ---- atomics from every block at once: counters = {sum, max, count (by CAS), min} --------------------------
+__global__ void __launch_bounds__(256) selftest_atomics_kernel(const int* x, int* counters, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        atomicAdd(&counters[0], x[i]);
+        atomicMax(&counters[1], x[i]);
+        int seen = counters[2], prev;
+        do {
+            prev = seen;
+            seen = atomicCAS(&counters[2], prev, prev + 1);
+        } while (seen != prev);
+        atomicMin(&counters[3], x[i]);
+    }
+}
+
+void selftest_atomics(const int* x, int* counters, int n, Stream stream) {
+    PA_LAUNCH(selftest_atomics_kernel, std::min(64u, ceil_div(n, 256)), 256, 0, as_stream(stream), x, counters, n);
+}
+
+// ---- planted faults ------------------------------------------------------------------------------------------
+__global__ void planted_divergent_barrier(float* s) {
+    if (threadIdx.x < 16) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    s[threadIdx.x] = 1.0f;
+}
+
+__global__ void planted_exit_before_barrier(float* s) {
+    if (threadIdx.x == 5) return;
+    __syncthreads();
+    s[threadIdx.x] = 1.0f;
+}
+
+__global__ void planted_deadlock(float* s) {
+    float v = s[threadIdx.x];
+    if (threadIdx.x % 32 == 0) __syncthreads();
+    else v = __shfl_sync(0xffffffffu, v, 0);
+    s[threadIdx.x] = v;
+}
+
+__global__ void planted_inactive_lane(float* s) {
+    float v = s[threadIdx.x];
+    if (threadIdx.x < 16) v = __shfl_sync(0x0000ffffu, v, threadIdx.x + 16);
+    s[threadIdx.x] = v;
+}
+
+__global__ void planted_mask_mismatch(float* s) {
+    float v = s[threadIdx.x];
+    if (threadIdx.x < 16) v = __shfl_sync(0xffffffffu, v, 0);
+    else v = __shfl_sync(0xffff0000u, v, 16);
+    s[threadIdx.x] = v;
+}
+
+__global__ void planted_trivial(float* s) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) s[0] = 1.0f;
+}
+
+__global__ void planted_dynamic_shared(float* s) {
+    PA_DYNAMIC_SHARED(float, buf);
+    buf[threadIdx.x] = 1.0f;
+    s[threadIdx.x] = buf[threadIdx.x];
+}
+
+void selftest_planted(const char* fault, float* s, Stream stream) {
+    const cudaStream_t st = as_stream(stream);
+    const std::string f = fault;
+    if (f == "divergent_barrier") PA_LAUNCH(planted_divergent_barrier, 1, 32, 0, st, s);
+    else if (f == "exit_before_barrier") PA_LAUNCH(planted_exit_before_barrier, 1, 32, 0, st, s);
+    else if (f == "deadlock") PA_LAUNCH(planted_deadlock, 1, 32, 0, st, s);
+    else if (f == "inactive_lane") PA_LAUNCH(planted_inactive_lane, 1, 32, 0, st, s);
+    else if (f == "mask_mismatch") PA_LAUNCH(planted_mask_mismatch, 1, 32, 0, st, s);
+    else if (f == "too_many_threads") PA_LAUNCH(planted_trivial, 1, 2048, 0, st, s);
+    else if (f == "grid_too_large") PA_LAUNCH(planted_trivial, dim3(1, 70000), 32, 0, st, s);
+    else if (f == "dynamic_shared_over_limit") PA_LAUNCH(planted_dynamic_shared, 1, 32, 64 * 1024, st, s);
+    else if (f == "dynamic_shared_over_optin") set_max_dynamic_shared(planted_dynamic_shared, 300 * 1024);
+    else throw KernelError("selftest_planted: unknown fault '" + f + "'");
+}
+
+}  // namespace pa

@@ -1,0 +1,54 @@
+"""pyalexnet: AlexNet from hand-written CUDA kernels, with a CPU emulator that runs the same kernel source.
+
+    import pyalexnet as pa
+    pa.backend_name()            # 'cuda' on a GPU machine, 'emu' elsewhere (PYALEXNET_BACKEND forces one)
+    x = pa.asarray(numpy_array)  # onto the active backend
+    y = pa.ops.relu_forward(x)
+    pa.to_numpy(y)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backend, ops, reference
+
+__version__ = "0.1.0"
+
+KernelError = _backend.active.module.KernelError
+"""Raised when a launch fails or the emulator finds a fault; the message names the kernel and the place."""
+
+
+def backend_name() -> str:
+    """'cuda' or 'emu': which backend runs the kernels."""
+    return _backend.active.name
+
+
+def asarray(a):
+    """``a`` on the active backend (a NumPy array on emu, a CuPy array on cuda), C-contiguous, same dtype.
+
+    Copies only when it must: across devices, or to make a strided array contiguous.
+    """
+    be = _backend.active
+    if be.name == "cuda":
+        return be.xp.ascontiguousarray(be.xp.asarray(a))
+    return np.ascontiguousarray(to_numpy(a))
+
+
+def to_numpy(a) -> np.ndarray:
+    """``a`` as a NumPy array on the host (a CuPy array or a PyTorch tensor is copied back)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__"):  # CuPy
+        return a.get()
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # PyTorch, on any device
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def synchronize() -> None:
+    """Waits until every launched kernel has finished (a no-op on the emulator, whose launches are synchronous)."""
+    _backend.active.module.synchronize()
+
+
+__all__ = ["KernelError", "asarray", "backend_name", "ops", "reference", "synchronize", "to_numpy"]

@@ -1,0 +1,114 @@
+"""Argument checks for the public functions: each failure names the argument and what was expected.
+
+Arrays are never copied or converted silently: an array on the wrong device, of the wrong dtype, or not
+C-contiguous is rejected. Arrays from other libraries are wrapped without a copy where the active backend can
+read their memory (NumPy from a CPU DLPack tensor; CuPy from ``__cuda_array_interface__`` or DLPack).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _backend
+
+
+def _describe(a) -> str:
+    t = type(a)
+    return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
+
+
+def _on_emu(a, name: str):
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "__cuda_array_interface__"):
+        raise TypeError(
+            f"{name}: is a GPU array ({_describe(a)}), but the active backend is 'emu' (the CPU emulator); "
+            f"bring it to the host with pyalexnet.to_numpy({name})"
+        )
+    if hasattr(a, "__dlpack__"):
+        try:
+            return np.from_dlpack(a)
+        except (BufferError, RuntimeError, TypeError, ValueError) as e:
+            raise TypeError(f"{name}: cannot view {_describe(a)} as a host array without a copy ({e})") from None
+    raise TypeError(f"{name}: expected a NumPy array, got {_describe(a)}")
+
+
+def _on_cuda(a, name: str, cp):
+    if isinstance(a, np.ndarray):
+        raise TypeError(
+            f"{name}: is a host (NumPy) array, but the active backend is 'cuda'; "
+            f"move it to the GPU with pyalexnet.asarray({name})"
+        )
+    if not isinstance(a, cp.ndarray):
+        if hasattr(a, "__cuda_array_interface__"):
+            a = cp.asarray(a)  # a view of the same memory
+        elif hasattr(a, "__dlpack__"):
+            try:
+                a = cp.from_dlpack(a)
+            except (BufferError, RuntimeError, TypeError, ValueError) as e:
+                raise TypeError(f"{name}: cannot view {_describe(a)} as a CUDA array without a copy ({e})") from None
+        else:
+            raise TypeError(f"{name}: expected a CuPy array, got {_describe(a)}")
+    current = cp.cuda.Device().id
+    if a.device.id != current:
+        raise ValueError(f"{name}: is on CUDA device {a.device.id}, but the current device is {current}")
+    return a
+
+
+def array(a, name: str, *, dtype=np.float32, ndim: int | None = None):
+    """``a`` as an array of the active backend, after checking its type, dtype, rank and layout."""
+    be = _backend.active
+    a = _on_emu(a, name) if be.name == "emu" else _on_cuda(a, name, be.xp)
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if a.dtype not in [np.dtype(d) for d in dtypes]:
+        expected = " or ".join(np.dtype(d).name for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {expected}, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(a.shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(
+            f"{name}: must be C-contiguous (got strides {a.strides} for shape {tuple(a.shape)}); "
+            "pass a contiguous copy, e.g. np.ascontiguousarray(a): pyalexnet never copies silently"
+        )
+    return a
+
+
+def same_shape(a, name: str, shape) -> None:
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
+
+
+def writable(a, name: str) -> None:
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        raise ValueError(f"{name}: is read-only, but it is updated in place")
+
+
+def real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {_describe(value)}")
+    return float(value)
+
+
+def positive_finite(value, name: str) -> float:
+    v = real(value, name)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
+    return v
+
+
+def nonnegative_finite(value, name: str) -> float:
+    v = real(value, name)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name}: expected a finite value >= 0, got {value!r}")
+    return v
+
+
+def unit_interval(value, name: str) -> float:
+    """A value in [0, 1)."""
+    v = real(value, name)
+    if not (0 <= v < 1):
+        raise ValueError(f"{name}: expected a value in [0, 1), got {value!r}")
+    return v

@@ -1,0 +1,119 @@
+"""The functional API: one function per operation, each a thin, checked call into our kernels.
+
+Layouts follow PyTorch: activations NCHW float32, FC weights (out, in). Functions never modify their inputs
+(only ``sgd_update`` works in place) and return arrays of the active backend (NumPy on ``emu``, CuPy on
+``cuda``). Every argument is checked first; see ``_checks``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backend
+from . import _checks as check
+
+# Tests set this to fill every output with NaN before the kernel runs, so an element the kernel fails to
+# write shows up instead of passing with whatever the allocator left there.
+poison_outputs = False
+
+
+def _empty(shape, dtype=np.float32):
+    xp = _backend.active.xp
+    if poison_outputs:
+        return xp.full(shape, np.nan, dtype=dtype)
+    return xp.empty(shape, dtype=dtype)
+
+
+def _call(name, *args):
+    be = _backend.active
+    getattr(be.module, name)(*args, stream=be.stream())
+
+
+def relu_forward(x):
+    """y = max(x, 0) elementwise, any shape; NaN stays NaN."""
+    x = check.array(x, "x")
+    y = _empty(x.shape)
+    _call("relu_forward", x, y)
+    return y
+
+
+def relu_backward(dy, y):
+    """dx = dy where y > 0, else 0; ``y`` is relu_forward's output."""
+    dy = check.array(dy, "dy")
+    y = check.array(y, "y")
+    check.same_shape(y, "y", dy.shape)
+    dx = _empty(dy.shape)
+    _call("relu_backward", dy, y, dx)
+    return dx
+
+
+def _linear_shapes(x, w, b=None):
+    x = check.array(x, "x", ndim=2)
+    w = check.array(w, "w", ndim=2)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"w: expected shape (out_features, {x.shape[1]}) to match x's {x.shape[1]} input features, "
+            f"got {tuple(w.shape)}"
+        )
+    if b is not None:
+        b = check.array(b, "b", ndim=1)
+        check.same_shape(b, "b", (w.shape[0],))
+    return x, w, b
+
+
+def linear_forward(x, w, b=None):
+    """y = x w^T + b for x (batch, in), w (out, in), b (out,) or None; y is (batch, out)."""
+    x, w, b = _linear_shapes(x, w, b)
+    y = _empty((x.shape[0], w.shape[0]))
+    _call("linear_forward", x, w, b, y)
+    return y
+
+
+def linear_backward(dy, x, w):
+    """Gradients of y = x w^T + b: returns (dx = dy w, dw = dy^T x, db = sum of dy over the batch)."""
+    x, w, _ = _linear_shapes(x, w)
+    dy = check.array(dy, "dy", ndim=2)
+    check.same_shape(dy, "dy", (x.shape[0], w.shape[0]))
+    dx = _empty(x.shape)
+    dw = _empty(w.shape)
+    db = _empty((w.shape[0],))
+    _call("linear_backward", dy, x, w, dx, dw, db)
+    return dx, dw, db
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy of softmax(logits) against integer labels, and its gradient.
+
+    logits: (batch, classes) float32; labels: (batch,) int32 or int64 in [0, classes).
+    Returns (loss as a Python float, dlogits of shape (batch, classes)).
+    """
+    logits = check.array(logits, "logits", ndim=2)
+    labels = check.array(labels, "labels", dtype=(np.int32, np.int64), ndim=1)
+    batch, classes = logits.shape
+    if batch < 1 or classes < 1:
+        raise ValueError(f"logits: expected shape (batch >= 1, classes >= 1), got {tuple(logits.shape)}")
+    check.same_shape(labels, "labels", (batch,))
+    dlogits = _empty(logits.shape)
+    row_loss = _empty((batch,))
+    result = _empty((2,))
+    _call("softmax_xent", logits, labels, dlogits, row_loss, result)
+    host = result.get() if _backend.active.name == "cuda" else result  # one small copy: loss and label check
+    loss, bad = float(host[0]), int(host[1])
+    if bad:
+        raise ValueError(f"labels: {bad} value(s) outside [0, {classes})")
+    return loss, dlogits
+
+
+def sgd_update(w, dw, v, lr, momentum=0.9, weight_decay=5e-4):
+    """The paper's update, in place: v = momentum v - weight_decay lr w - lr dw; w += v. Returns None."""
+    lr = check.positive_finite(lr, "lr")
+    momentum = check.unit_interval(momentum, "momentum")
+    weight_decay = check.nonnegative_finite(weight_decay, "weight_decay")
+    w = check.array(w, "w")
+    dw = check.array(dw, "dw")
+    v = check.array(v, "v")
+    check.same_shape(dw, "dw", w.shape)
+    check.same_shape(v, "v", w.shape)
+    check.writable(w, "w")
+    check.writable(v, "v")
+    _call("sgd_update", w, dw, v, lr, momentum, weight_decay)

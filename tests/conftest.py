@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+import pyalexnet as pa
+
+ON_CUDA = pa.backend_name() == "cuda"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not ON_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs the cuda backend"))
+        if "emu" in item.keywords and ON_CUDA:
+            item.add_marker(pytest.mark.skip(reason="tests the CPU emulator itself"))
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every output starts as NaN, so an element a kernel forgets to write fails the comparison."""
+    monkeypatch.setattr(pa.ops, "poison_outputs", True)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20121203)  # NIPS 2012
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref||, in float64; NaN anywhere in out makes it NaN (and every bound fail)."""
+    out = np.asarray(pa.to_numpy(out), dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, f"shape {out.shape} != reference {ref.shape}"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def randn(rng, *shape, scale=1.0):
+    """Random float32 on the active backend (never zeros: every element is informative)."""
+    return pa.asarray((rng.standard_normal(shape) * scale).astype(np.float32))
+
+
+def numeric_grad(f, x, dy, eps=1e-6):
+    """d/dx of sum(f(x) * dy) by central differences, float64."""
+    x = np.array(x, dtype=np.float64)
+    g = np.zeros_like(x)
+    for i in np.ndindex(*x.shape):
+        old = x[i]
+        x[i] = old + eps
+        plus = np.sum(f(x) * dy)
+        x[i] = old - eps
+        minus = np.sum(f(x) * dy)
+        x[i] = old
+        g[i] = (plus - minus) / (2 * eps)
+    return g
