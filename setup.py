@@ -26,6 +26,9 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()  # .../pyalexnet
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
+        # pip builds in the source tree, each time from another temporary environment: a cache left by an
+        # earlier build points at tools (ninja, cmake) that no longer exist, so always configure afresh.
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",

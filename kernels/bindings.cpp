@@ -315,4 +315,5 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("selftest_dynamic_shared", &selftest_dynamic_shared, py::arg("x"), py::arg("y"), py::arg("shared_floats"), s);
     m.def("selftest_atomics", &selftest_atomics, py::arg("x"), py::arg("counters"), s);
     m.def("selftest_planted", &selftest_planted, py::arg("fault"), py::arg("scratch"));
+    m.def("selftest_static_shared_bytes", &pa::selftest_static_shared_bytes);
 }

@@ -7,6 +7,7 @@
 //       Wrap a template instance in parentheses: PA_LAUNCH((sgemm<64, 64>), ...).
 //   PA_DYNAMIC_SHARED(T, name)   inside a kernel: `T* name` points at the block's dynamic shared memory.
 //   pa::set_max_dynamic_shared(kernel, bytes)   opt a kernel into more than 48 KB of dynamic shared memory.
+//   pa::static_shared_bytes(kernel)   what the kernel's static __shared__ declarations take (-1: unknown).
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,15 @@ void set_max_dynamic_shared(void (*kernel)(Params...), size_t bytes) {
     check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
                "set_max_dynamic_shared", __FILE__, __LINE__);
+}
+
+// Bytes of static __shared__ memory the kernel declares.
+template <class... Params>
+long long static_shared_bytes(void (*kernel)(Params...)) {
+    cudaFuncAttributes attr;
+    check_cuda(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)), "static_shared_bytes", __FILE__,
+               __LINE__);
+    return (long long)attr.sharedSizeBytes;
 }
 
 }  // namespace pa

@@ -44,7 +44,9 @@ void selftest_dynamic_shared(const float* x, float* y, int n, int shared_floats,
 void selftest_atomics(const int* x, int* counters, int n, Stream stream);
 // Launches a deliberately faulty kernel (emulator only): "divergent_barrier", "exit_before_barrier",
 // "deadlock", "inactive_lane", "too_many_threads", "grid_too_large", "dynamic_shared_over_limit",
-// "dynamic_shared_over_optin", "mask_mismatch".
+// "dynamic_shared_over_optin", "static_shared_over_limit", "mask_mismatch".
 void selftest_planted(const char* fault, float* scratch, Stream stream);
+// The static shared memory of selftest_tiled_gemm's kernel as the backend measures it (ptxas says 2112 B).
+long long selftest_static_shared_bytes();
 
 }  // namespace pa

@@ -162,6 +162,17 @@ __global__ void planted_dynamic_shared(float* s) {
     s[threadIdx.x] = buf[threadIdx.x];
 }
 
+// 64 KB of static shared memory: ptxas refuses it outright, so only the emulator build sees this kernel.
+#if !defined(__CUDACC__)
+__global__ void planted_static_shared(float* s) {
+    __shared__ float big[16384];
+    big[threadIdx.x] = 1.0f;
+    s[threadIdx.x] = big[threadIdx.x];
+}
+#endif
+
+long long selftest_static_shared_bytes() { return static_shared_bytes(selftest_tiled_gemm_kernel<16>); }
+
 void selftest_planted(const char* fault, float* s, Stream stream) {
     const cudaStream_t st = as_stream(stream);
     const std::string f = fault;
@@ -174,6 +185,9 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "grid_too_large") PA_LAUNCH(planted_trivial, dim3(1, 70000), 32, 0, st, s);
     else if (f == "dynamic_shared_over_limit") PA_LAUNCH(planted_dynamic_shared, 1, 32, 64 * 1024, st, s);
     else if (f == "dynamic_shared_over_optin") set_max_dynamic_shared(planted_dynamic_shared, 300 * 1024);
+#if !defined(__CUDACC__)
+    else if (f == "static_shared_over_limit") PA_LAUNCH(planted_static_shared, 1, 32, 0, st, s);
+#endif
     else throw KernelError("selftest_planted: unknown fault '" + f + "'");
 }
 

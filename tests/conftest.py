@@ -56,3 +56,17 @@ def numeric_grad(f, x, dy, eps=1e-6):
         x[i] = old
         g[i] = (plus - minus) / (2 * eps)
     return g
+
+
+def run_python(code, **env):
+    """Runs `code` in a fresh interpreter with extra environment variables, outside the source tree (where
+    `import pyalexnet` would find the uncompiled sources)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None removes a variable
+    return subprocess.run(
+        [sys.executable, "-c", code], env=full, capture_output=True, text=True, cwd=tempfile.gettempdir()
+    )

@@ -205,6 +205,8 @@ struct LaunchInfo {
 void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_body);
 void set_max_dynamic_shared(const void* kernel, size_t bytes);
 int worker_count();
+// Bytes of static __shared__ storage the kernel declares, read from the module's symbol table; -1 if unknown.
+long long kernel_static_shared_bytes(const void* kernel);
 
 }  // namespace pa_emu
 
@@ -243,6 +245,11 @@ void launch(const char* name, const char* file, int line, void (*kernel)(Params.
 template <class... Params>
 void set_max_dynamic_shared(void (*kernel)(Params...), size_t bytes) {
     pa_emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
+}
+
+template <class... Params>
+long long static_shared_bytes(void (*kernel)(Params...)) {
+    return pa_emu::kernel_static_shared_bytes(reinterpret_cast<const void*>(kernel));
 }
 
 }  // namespace pa

@@ -9,12 +9,16 @@
 //   - anything else (a collective waiting for a lane that never comes) -> deadlock.
 // A warp collective completes when the last lane of its mask arrives; results are computed then, from a
 // snapshot of what every participating lane brought, so a lane may exit right after it.
+#include <dlfcn.h>
+#include <elf.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <string>
@@ -44,6 +48,7 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr unsigned kMaxBlockZ = 64;
 constexpr unsigned long long kMaxGridX = 2147483647ull;
 constexpr unsigned kMaxGridYZ = 65535;
+constexpr size_t kMaxStaticShared = 48 * 1024;
 constexpr size_t kDefaultDynamicShared = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kMaxDynamicShared = 227 * 1024;     // Hopper's opt-in ceiling per block
 
@@ -403,9 +408,76 @@ std::map<const void*, size_t>& optins() {
     return *m;
 }
 
+// ---- static shared memory, measured from the symbol table ----------------------------------------------------
+// `__shared__` variables are function-local `static thread_local` objects here, so the compiler names each
+// one after its enclosing function: kernel `_ZN2pa6kernelEPf` owns `_ZZN2pa6kernelEPfE4tile`. Reading the
+// module's own ELF symbol table gives each kernel's static shared bytes, which we hold to the GPU's 48 KB.
+// A stripped module has no symbol table: the check is then skipped (-1), and ptxas still enforces the limit
+// on the CUDA build.
+struct SymbolTable {
+    std::map<uintptr_t, std::string> functions;  // offset in the module -> mangled name
+    std::map<std::string, size_t> tls_objects;   // mangled name -> size
+    bool loaded = false;
+};
+
+SymbolTable read_symbols(const char* path) {
+    SymbolTable table;
+    std::ifstream f(path, std::ios::binary);
+    const std::string image((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (image.size() < sizeof(Elf64_Ehdr) || image.compare(0, 4, ELFMAG) != 0) return table;
+    const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(image.data());
+    if (eh->e_shoff == 0 || eh->e_shoff + size_t(eh->e_shnum) * sizeof(Elf64_Shdr) > image.size()) return table;
+    const auto* sections = reinterpret_cast<const Elf64_Shdr*>(image.data() + eh->e_shoff);
+    for (int i = 0; i < eh->e_shnum; ++i) {
+        if (sections[i].sh_type != SHT_SYMTAB || sections[i].sh_link >= eh->e_shnum) continue;
+        const Elf64_Shdr& strtab = sections[sections[i].sh_link];
+        if (sections[i].sh_offset + sections[i].sh_size > image.size() || strtab.sh_offset + strtab.sh_size > image.size())
+            return table;
+        const auto* syms = reinterpret_cast<const Elf64_Sym*>(image.data() + sections[i].sh_offset);
+        const size_t count = sections[i].sh_size / sizeof(Elf64_Sym);
+        for (size_t j = 0; j < count; ++j) {
+            if (syms[j].st_name >= strtab.sh_size) continue;
+            const char* name = image.data() + strtab.sh_offset + syms[j].st_name;
+            const int type = ELF64_ST_TYPE(syms[j].st_info);
+            if (type == STT_FUNC && syms[j].st_value) table.functions[syms[j].st_value] = name;
+            if (type == STT_TLS) table.tls_objects[name] = syms[j].st_size;
+        }
+        table.loaded = true;
+    }
+    return table;
+}
+
+long long static_shared_bytes(const void* kernel) {
+    static std::mutex* m = new std::mutex;
+    static auto* cache = new std::map<const void*, long long>;
+    static auto* tables = new std::map<std::string, SymbolTable>;
+    std::lock_guard<std::mutex> lk(*m);
+    if (auto it = cache->find(kernel); it != cache->end()) return it->second;
+    long long bytes = -1;
+    Dl_info info;
+    if (dladdr(kernel, &info) && info.dli_fname) {
+        auto t = tables->find(info.dli_fname);
+        if (t == tables->end()) t = tables->emplace(info.dli_fname, read_symbols(info.dli_fname)).first;
+        const SymbolTable& table = t->second;
+        const uintptr_t offset = reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase);
+        auto fn = table.functions.find(offset);
+        if (table.loaded && fn != table.functions.end() && fn->second.rfind("_Z", 0) == 0) {
+            const std::string prefix = "_ZZ" + fn->second.substr(2) + "E";
+            bytes = 0;
+            for (auto it = table.tls_objects.lower_bound(prefix);
+                 it != table.tls_objects.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it)
+                bytes += (long long)it->second;
+        }
+    }
+    (*cache)[kernel] = bytes;
+    return bytes;
+}
+
 }  // namespace
 
 int worker_count() { return pool().size(); }
+
+long long kernel_static_shared_bytes(const void* kernel) { return static_shared_bytes(kernel); }
 
 void set_max_dynamic_shared(const void* kernel, size_t bytes) {
     if (bytes > kMaxDynamicShared)
@@ -566,6 +638,15 @@ void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_b
         throw pa::KernelError(where + ": requests " + std::to_string(info.dynamic_shared) +
                               " bytes of dynamic shared memory but the kernel may use " + std::to_string(allowed) +
                               " (opt in with pa::set_max_dynamic_shared, at most " + std::to_string(kMaxDynamicShared) + ")");
+    const long long static_bytes = static_shared_bytes(info.kernel);
+    if (static_bytes > (long long)kMaxStaticShared)
+        throw pa::KernelError(where + ": declares " + std::to_string(static_bytes) +
+                              " bytes of static __shared__ memory; a kernel may declare at most " +
+                              std::to_string(kMaxStaticShared) + " (move the rest to dynamic shared memory)");
+    if (static_bytes > 0 && size_t(static_bytes) + info.dynamic_shared > kMaxDynamicShared)
+        throw pa::KernelError(where + ": static (" + std::to_string(static_bytes) + ") plus dynamic (" +
+                              std::to_string(info.dynamic_shared) + ") shared memory exceeds the device's " +
+                              std::to_string(kMaxDynamicShared) + " bytes per block");
     Job job;
     job.info = &info;
     job.body = &thread_body;

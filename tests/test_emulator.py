@@ -1,0 +1,123 @@
+"""The emulator's mechanisms, each exercised by a small kernel, and each fault report triggered on purpose.
+
+The working self-tests run on both backends (the same kernels are correct CUDA); the planted faults run on
+the emulator only.
+"""
+
+import numpy as np
+import pytest
+from conftest import ON_CUDA, run_python
+
+import pyalexnet as pa
+
+mod = pa._backend.active.module
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (17, 33, 15), (64, 48, 80)])
+def test_tiled_gemm_in_shared_memory(rng, m, n, k):
+    a = rng.integers(-4, 5, (m, k)).astype(np.float32)
+    b = rng.integers(-4, 5, (k, n)).astype(np.float32)
+    c = pa.asarray(np.full((m, n), np.nan, np.float32))
+    mod.selftest_tiled_gemm(pa.asarray(a), pa.asarray(b), c)
+    np.testing.assert_array_equal(pa.to_numpy(c), a.astype(np.float64) @ b)
+
+
+@pytest.mark.parametrize("variant", range(6))
+@pytest.mark.parametrize("n", [1, 100, 128, 1000])
+def test_warp_shuffles_and_votes(rng, variant, n):
+    x = rng.integers(-5, 6, n).astype(np.float32)  # integers: every summation order gives the same result
+    out = pa.asarray(np.full((n + 127) // 128, np.nan, np.float32))
+    mod.selftest_shuffle_sum(pa.asarray(x), out, variant)
+    padded = np.zeros(len(out) * 128, np.float32)
+    padded[:n] = x
+    blocks = padded.reshape(-1, 4, 32)  # (block, warp, lane)
+    if variant in (0, 1, 2, 5):
+        expect = blocks.sum(axis=(1, 2))
+    elif variant == 3:
+        expect = (blocks > 0).sum(axis=(1, 2))
+    else:
+        expect = (blocks > 0).any(axis=2).sum(axis=1) + 1000 * (blocks > 0).all(axis=2).sum(axis=1)
+    np.testing.assert_array_equal(pa.to_numpy(out), expect)
+
+
+@pytest.mark.parametrize("tile", [1, 100, 4096, 15000])  # 15000 floats = 60000 bytes: needs the opt-in
+def test_dynamic_shared_memory(rng, tile):
+    n = 2 * tile + 7
+    x = rng.standard_normal(n).astype(np.float32)
+    y = pa.asarray(np.full(n, np.nan, np.float32))
+    mod.selftest_dynamic_shared(pa.asarray(x), y, tile)
+    expect = np.concatenate([x[i : i + tile][::-1] for i in range(0, n, tile)])
+    np.testing.assert_array_equal(pa.to_numpy(y), expect)
+
+
+def test_atomics_across_blocks(rng):
+    x = rng.integers(-1000, 1000, 100_000).astype(np.int32)
+    counters = pa.asarray(np.array([0, np.iinfo(np.int32).min, 0, np.iinfo(np.int32).max], np.int32))
+    mod.selftest_atomics(pa.asarray(x), counters)
+    np.testing.assert_array_equal(pa.to_numpy(counters), [x.sum(), x.max(), len(x), x.min()])
+
+
+PLANTED = {
+    "divergent_barrier": r"divergent __syncthreads\(\): thread \(0,0,0\) waits at kernels/selftest\.cu:\d+ "
+    r"but thread \(16,0,0\) waits at kernels/selftest\.cu:\d+",
+    "exit_before_barrier": r"divergent __syncthreads\(\): thread \(5,0,0\) exited without reaching the barrier",
+    "deadlock": r"deadlock: thread \(1,0,0\) waits in __shfl_sync at kernels/selftest\.cu:\d+ .* lane 0 "
+    r"\(thread \(0,0,0\)\) waits at __syncthreads\(\)",
+    "inactive_lane": r"__shfl_sync at kernels/selftest\.cu:\d+, thread \(0,0,0\) \(lane 0\): reads lane 16, "
+    r"which is not in the mask 0x0000ffff",
+    "mask_mismatch": r"thread \(16,0,0\) \(lane 16\): called with mask 0xffff0000 while lanes 0x0000ffff wait",
+    "too_many_threads": r"invalid block \(2048,1,1\)",
+    "grid_too_large": r"invalid grid \(1,70000,1\)",
+    "dynamic_shared_over_limit": r"requests 65536 bytes of dynamic shared memory but the kernel may use 49152",
+    "dynamic_shared_over_optin": r"307200 bytes exceeds the device's 232448 bytes",
+    "static_shared_over_limit": r"declares 65536 bytes of static __shared__ memory; a kernel may declare at most 49152",
+}
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("fault", sorted(PLANTED))
+def test_planted_fault_is_reported(fault):
+    scratch = np.zeros(1024, np.float32)
+    with pytest.raises(pa.KernelError, match=PLANTED[fault]) as info:
+        mod.selftest_planted(fault, scratch)
+    message = str(info.value)
+    if fault != "dynamic_shared_over_optin":  # that one fails before any launch
+        assert "kernel planted_" in message and "launched at kernels/selftest.cu:" in message
+    if fault in ("divergent_barrier", "exit_before_barrier", "deadlock", "inactive_lane", "mask_mismatch"):
+        assert "block (0,0,0)" in message
+    # The pool survives a fault: the next launch works.
+    test_tiled_gemm_in_shared_memory(np.random.default_rng(0), 5, 6, 7)
+
+
+def test_static_shared_memory_is_measured():
+    # As__[16][16] + Bs[16][17] floats = 2112 bytes, the figure ptxas reports for this kernel.
+    assert mod.selftest_static_shared_bytes() == 2112
+
+
+@pytest.mark.emu
+def test_kernel_error_is_a_runtime_error():
+    assert issubclass(pa.KernelError, RuntimeError)
+
+
+@pytest.mark.emu
+def test_worker_pool_size_comes_from_the_environment():
+    code = "import pyalexnet as pa; print(pa._backend.active.module.worker_count())"
+    out = run_python(code, PYALEXNET_BACKEND="emu", PYALEXNET_EMU_WORKERS="3")
+    assert out.stdout.strip() == "3"
+
+
+@pytest.mark.emu
+def test_bad_worker_count_is_a_clear_error():
+    code = (
+        "import numpy as np, pyalexnet as pa\n"
+        "try:\n    pa.ops.relu_forward(np.ones(3, np.float32))\n"
+        "except pa.KernelError as e:\n    print('ERR', e)\n"
+    )
+    out = run_python(code, PYALEXNET_BACKEND="emu", PYALEXNET_EMU_WORKERS="zero")
+    assert "ERR PYALEXNET_EMU_WORKERS must be an integer in [1, 1024], got 'zero'" in out.stdout
+
+
+@pytest.mark.skipif(ON_CUDA, reason="planted faults are emulator-only")
+def test_planted_faults_are_refused_by_name():
+    with pytest.raises(pa.KernelError, match="unknown fault 'nope'"):
+        mod.selftest_planted("nope", np.zeros(1024, np.float32))
