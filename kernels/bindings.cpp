@@ -277,10 +277,12 @@ PYBIND11_MODULE(PA_MODULE, m) {
     py::register_exception<pa::KernelError>(m, "KernelError", PyExc_RuntimeError);
 #if defined(PA_BACKEND_CUDA)
     m.attr("backend") = "cuda";
-    m.def("device_count", [] {
+    m.def("device_status", []() -> py::tuple {
         int n = 0;
-        return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
-    }, "Number of CUDA devices the driver reports (0 without a driver or a GPU).");
+        const cudaError_t err = cudaGetDeviceCount(&n);
+        if (err != cudaSuccess) return py::make_tuple(0, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err));
+        return py::make_tuple(n, std::string());
+    }, "(number of CUDA devices, '' or the CUDA error that hides them: no driver, a driver too old, ...).");
     m.def("synchronize", [] {
         py::gil_scoped_release nogil;
         const cudaError_t err = cudaDeviceSynchronize();

@@ -32,8 +32,9 @@ def _load_cuda():
         from . import _cuda
     except ImportError as e:
         return None, f"pyalexnet._cuda is not available ({e}); it is built when nvcc is present at install"
-    if _cuda.device_count() < 1:
-        return None, "no CUDA device answers (no GPU, or no driver)"
+    count, error = _cuda.device_status()
+    if count < 1:
+        return None, f"no CUDA device answers ({error or 'the driver reports none'})"
     try:
         import cupy
     except ImportError:

@@ -58,7 +58,7 @@ def numeric_grad(f, x, dy, eps=1e-6):
     return g
 
 
-def run_python(code, **env):
+def run_python(code, timeout=120, **env):
     """Runs `code` in a fresh interpreter with extra environment variables, outside the source tree (where
     `import pyalexnet` would find the uncompiled sources)."""
     import os
@@ -68,5 +68,5 @@ def run_python(code, **env):
 
     full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None removes a variable
     return subprocess.run(
-        [sys.executable, "-c", code], env=full, capture_output=True, text=True, cwd=tempfile.gettempdir()
+        [sys.executable, "-c", code], env=full, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=timeout
     )

@@ -107,6 +107,22 @@ def test_worker_pool_size_comes_from_the_environment():
 
 
 @pytest.mark.emu
+def test_a_forked_child_gets_its_own_worker_pool():
+    # The child inherits none of the parent's worker threads; without a pool of its own it would hang.
+    code = (
+        "import os, numpy as np, pyalexnet as pa\n"
+        "x = np.arange(-3, 4, dtype=np.float32)\n"
+        "pa.ops.relu_forward(x)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if pa.ops.relu_forward(x).sum() == 6 else 1)\n"
+        "print('child exit', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+    )
+    out = run_python(code, PYALEXNET_BACKEND="emu", timeout=60)
+    assert out.stdout.strip() == "child exit 0", out.stderr
+
+
+@pytest.mark.emu
 def test_bad_worker_count_is_a_clear_error():
     code = (
         "import numpy as np, pyalexnet as pa\n"

@@ -119,22 +119,19 @@ inline T atomicCAS(T* p, T compare, T v) {
     std::atomic_ref<T>(*p).compare_exchange_strong(compare, v, std::memory_order_relaxed);
     return compare;  // the old value, as on the GPU
 }
-template <class T>
-inline T atomicMax(T* p, T v) {
+// Replaces *p with v while v beats it; returns the old value.
+template <class T, class Beats>
+inline T atomic_replace_while(T* p, T v, Beats beats) {
     std::atomic_ref<T> a(*p);
     T old = a.load(std::memory_order_relaxed);
-    while (old < v && !a.compare_exchange_weak(old, v, std::memory_order_relaxed)) {
+    while (beats(v, old) && !a.compare_exchange_weak(old, v, std::memory_order_relaxed)) {
     }
     return old;
 }
 template <class T>
-inline T atomicMin(T* p, T v) {
-    std::atomic_ref<T> a(*p);
-    T old = a.load(std::memory_order_relaxed);
-    while (v < old && !a.compare_exchange_weak(old, v, std::memory_order_relaxed)) {
-    }
-    return old;
-}
+inline T atomicMax(T* p, T v) { return atomic_replace_while(p, v, [](T a, T b) { return b < a; }); }
+template <class T>
+inline T atomicMin(T* p, T v) { return atomic_replace_while(p, v, [](T a, T b) { return a < b; }); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() {}
 

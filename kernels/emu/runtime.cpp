@@ -10,6 +10,7 @@
 // A warp collective completes when the last lane of its mask arrives; results are computed then, from a
 // snapshot of what every participating lane brought, so a lane may exit right after it.
 #include <dlfcn.h>
+#include <pthread.h>
 #include <elf.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -394,9 +395,17 @@ int configured_workers() {
     return hw ? int(hw) : 1;
 }
 
+// A forked child inherits the pool object but none of its threads: it starts a pool of its own (the
+// parent's is abandoned, its mutexes possibly held by threads that do not exist in the child).
+Pool* g_pool = nullptr;
+std::once_flag g_atfork_once;
+
 Pool& pool() {
-    static Pool* p = new Pool(configured_workers());
-    return *p;
+    std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; }); });
+    static std::mutex* creating = new std::mutex;
+    std::lock_guard<std::mutex> lk(*creating);
+    if (!g_pool) g_pool = new Pool(configured_workers());
+    return *g_pool;
 }
 
 std::mutex& optin_mutex() {
