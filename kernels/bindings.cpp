@@ -214,6 +214,106 @@ void sgd_update(py::handle w, py::handle dw, py::handle v, float lr, float momen
     pa::sgd_update(f32(aw), f32(adw), f32(av), aw.size, lr, momentum, weight_decay, stream_arg(stream));
 }
 
+// (N, C, H, W) -> (N, C, H * W) as the kernels index it.
+void expect_nchw(const Array& a, const char* name) {
+    if (a.shape.size() != 4)
+        throw py::value_error(std::string(name) + ": expected NCHW (4 dimensions), got shape " + shape_str(a.shape));
+}
+
+void lrn_check(int size, float alpha, float beta, float k) {
+    if (size < 1 || size % 2 == 0) throw py::value_error("size: expected an odd window >= 1, got " + std::to_string(size));
+    if (!(std::isfinite(alpha) && alpha >= 0.0f)) throw py::value_error("alpha: expected a finite value >= 0");
+    if (!(std::isfinite(beta) && beta >= 0.0f)) throw py::value_error("beta: expected a finite value >= 0");
+    if (!(std::isfinite(k) && k > 0.0f)) throw py::value_error("k: expected a finite value > 0");
+}
+
+void lrn_forward(py::handle x, py::handle y, int size, float alpha, float beta, float k, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    expect_nchw(ax, "x");
+    expect_shape(ay, "y", ax.shape);
+    lrn_check(size, alpha, beta, k);
+    const int C = int_dim(ax.shape[1], "channels");
+    py::gil_scoped_release nogil;
+    pa::lrn_forward(f32(ax), f32(ay), ax.shape[0], C, ax.shape[2] * ax.shape[3], size, alpha, beta, k, stream_arg(stream));
+}
+
+void lrn_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, int size, float alpha, float beta, float k,
+                  uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
+                ay = array_arg(y, "y", "f4", false), adx = array_arg(dx, "dx", "f4", true);
+    expect_nchw(ax, "x");
+    expect_shape(ady, "dy", ax.shape);
+    expect_shape(ay, "y", ax.shape);
+    expect_shape(adx, "dx", ax.shape);
+    lrn_check(size, alpha, beta, k);
+    const int C = int_dim(ax.shape[1], "channels");
+    py::gil_scoped_release nogil;
+    pa::lrn_backward(f32(ady), f32(ax), f32(ay), f32(adx), ax.shape[0], C, ax.shape[2] * ax.shape[3], size, alpha, beta,
+                     k, stream_arg(stream));
+}
+
+// Checks the window and returns the pooled shape.
+std::vector<int64_t> pool_shape(const Array& x, int size, int stride) {
+    expect_nchw(x, "x");
+    if (size < 1) throw py::value_error("size: expected >= 1, got " + std::to_string(size));
+    if (stride < 1) throw py::value_error("stride: expected >= 1, got " + std::to_string(stride));
+    if (x.shape[2] < size || x.shape[3] < size)
+        throw py::value_error("x: a " + std::to_string(size) + "x" + std::to_string(size) +
+                              " window does not fit an input of " + std::to_string(x.shape[2]) + "x" +
+                              std::to_string(x.shape[3]));
+    int_dim(x.shape[2], "height");
+    int_dim(x.shape[3], "width");
+    return {x.shape[0], x.shape[1], (x.shape[2] - size) / stride + 1, (x.shape[3] - size) / stride + 1};
+}
+
+void maxpool_forward(py::handle x, py::handle y, int size, int stride, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    expect_shape(ay, "y", pool_shape(ax, size, stride));
+    py::gil_scoped_release nogil;
+    pa::maxpool_forward(f32(ax), f32(ay), ax.shape[0] * ax.shape[1], int(ax.shape[2]), int(ax.shape[3]), size, stride,
+                        stream_arg(stream));
+}
+
+void maxpool_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, int size, int stride, uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
+                ay = array_arg(y, "y", "f4", false), adx = array_arg(dx, "dx", "f4", true);
+    const std::vector<int64_t> pooled = pool_shape(ax, size, stride);
+    expect_shape(ady, "dy", pooled);
+    expect_shape(ay, "y", pooled);
+    expect_shape(adx, "dx", ax.shape);
+    py::gil_scoped_release nogil;
+    pa::maxpool_backward(f32(ady), f32(ax), f32(ay), f32(adx), ax.shape[0] * ax.shape[1], int(ax.shape[2]),
+                         int(ax.shape[3]), size, stride, stream_arg(stream));
+}
+
+// The drop decision in integers: keep iff the 24-bit draw >= ceil(p * 2^24).
+unsigned keep_threshold(double p) {
+    if (!(p >= 0.0 && p < 1.0)) throw py::value_error("p: expected a value in [0, 1), got " + std::to_string(p));
+    return unsigned(std::ceil(p * 16777216.0));
+}
+
+void dropout_forward(py::handle x, py::handle y, py::handle mask, double p, unsigned long long seed, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true),
+                am = array_arg(mask, "mask", "u4", true);
+    expect_shape(ay, "y", ax.shape);
+    expect_shape(am, "mask", {(ax.size + 31) / 32});
+    const unsigned threshold = keep_threshold(p);
+    py::gil_scoped_release nogil;
+    pa::dropout_forward(f32(ax), f32(ay), static_cast<unsigned*>(am.data), ax.size, seed, threshold,
+                        float(1.0 / (1.0 - p)), stream_arg(stream));
+}
+
+void dropout_backward(py::handle dy, py::handle mask, py::handle dx, double p, uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false), am = array_arg(mask, "mask", "u4", false),
+                adx = array_arg(dx, "dx", "f4", true);
+    expect_shape(am, "mask", {(ady.size + 31) / 32});
+    expect_shape(adx, "dx", ady.shape);
+    keep_threshold(p);
+    py::gil_scoped_release nogil;
+    pa::dropout_backward(f32(ady), static_cast<const unsigned*>(am.data), f32(adx), ady.size, float(1.0 / (1.0 - p)),
+                         stream_arg(stream));
+}
+
 void selftest_tiled_gemm(py::handle a, py::handle b, py::handle c, uintptr_t stream) {
     const Array aa = array_arg(a, "a", "f4", false), ab = array_arg(b, "b", "f4", false),
                 ac = array_arg(c, "c", "f4", true);
@@ -312,6 +412,18 @@ PYBIND11_MODULE(PA_MODULE, m) {
           py::arg("result"), s, "Per-row softmax cross-entropy and dlogits; result = [mean loss, bad labels].");
     m.def("sgd_update", &sgd_update, py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"), py::arg("momentum"),
           py::arg("weight_decay"), s, "v = momentum v - weight_decay lr w - lr dw; w += v (in place).");
+    m.def("lrn_forward", &lrn_forward, py::arg("x"), py::arg("y"), py::arg("size"), py::arg("alpha"), py::arg("beta"),
+          py::arg("k"), s, "y = x / (k + alpha sum_window x^2)^beta across channels (alpha not divided by size).");
+    m.def("lrn_backward", &lrn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("dx"), py::arg("size"),
+          py::arg("alpha"), py::arg("beta"), py::arg("k"), s, "dx of lrn_forward.");
+    m.def("maxpool_forward", &maxpool_forward, py::arg("x"), py::arg("y"), py::arg("size"), py::arg("stride"), s,
+          "Max over size x size windows at stride, floor mode, no padding.");
+    m.def("maxpool_backward", &maxpool_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("dx"),
+          py::arg("size"), py::arg("stride"), s, "dx of maxpool_forward: dy to each window's first maximum.");
+    m.def("dropout_forward", &dropout_forward, py::arg("x"), py::arg("y"), py::arg("mask"), py::arg("p"),
+          py::arg("seed"), s, "Inverted dropout with a Philox4x32-10 bit mask keyed by (seed, element index).");
+    m.def("dropout_backward", &dropout_backward, py::arg("dy"), py::arg("mask"), py::arg("dx"), py::arg("p"), s,
+          "dx = dy * mask / (1 - p).");
     m.def("selftest_tiled_gemm", &selftest_tiled_gemm, py::arg("a"), py::arg("b"), py::arg("c"), s);
     m.def("selftest_shuffle_sum", &selftest_shuffle_sum, py::arg("x"), py::arg("out"), py::arg("variant"), s);
     m.def("selftest_dynamic_shared", &selftest_dynamic_shared, py::arg("x"), py::arg("y"), py::arg("shared_floats"), s);

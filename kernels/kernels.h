@@ -37,6 +37,25 @@ void softmax_xent(const float* logits, const void* labels, bool labels_int64, fl
 void sgd_update(float* w, const float* dw, float* v, int64_t n, float lr, float momentum, float weight_decay,
                 Stream stream);
 
+// lrn.cu: across channels, the paper's formula (alpha NOT divided by size); x, y, dy, dx are
+// (batch, C, plane) with plane = H * W; size is odd.
+void lrn_forward(const float* x, float* y, int64_t batch, int C, int64_t plane, int size, float alpha, float beta,
+                 float k, Stream stream);
+void lrn_backward(const float* dy, const float* x, const float* y, float* dx, int64_t batch, int C, int64_t plane,
+                  int size, float alpha, float beta, float k, Stream stream);
+
+// pool.cu: max-pooling, floor mode, no padding; x, dx are (planes, H, W) with planes = N * C, H, W >= size;
+// y, dy are (planes, P, Q). Backward needs y (forward's output) and overwrites dx.
+void maxpool_forward(const float* x, float* y, int64_t planes, int H, int W, int size, int stride, Stream stream);
+void maxpool_backward(const float* dy, const float* x, const float* y, float* dx, int64_t planes, int H, int W,
+                      int size, int stride, Stream stream);
+
+// dropout.cu: inverted dropout with a Philox bit mask (ceil(n / 32) uint32 words); an element is kept iff its
+// 24-bit draw is >= keep_threshold = ceil(p * 2^24); kept elements are scaled by `scale` = 1 / (1 - p).
+void dropout_forward(const float* x, float* y, unsigned* mask, int64_t n, unsigned long long seed,
+                     unsigned keep_threshold, float scale, Stream stream);
+void dropout_backward(const float* dy, const unsigned* mask, float* dx, int64_t n, float scale, Stream stream);
+
 // selftest.cu: small kernels that exercise the emulator (and run on the GPU too, except the planted faults).
 void selftest_tiled_gemm(const float* A, const float* B, float* C, int M, int N, int K, Stream stream);
 void selftest_shuffle_sum(const float* x, float* out, int n, int variant, Stream stream);

@@ -112,3 +112,19 @@ def unit_interval(value, name: str) -> float:
     if not (0 <= v < 1):
         raise ValueError(f"{name}: expected a value in [0, 1), got {value!r}")
     return v
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
+    if value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def seed(value, name: str = "seed") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name}: expected an integer in [0, 2**64), got {value!r}")
+    return int(value)

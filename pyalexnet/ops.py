@@ -97,7 +97,7 @@ def softmax_cross_entropy(logits, labels):
     row_loss = _empty((batch,))
     result = _empty((2,))
     _call("softmax_xent", logits, labels, dlogits, row_loss, result)
-    host = result.get() if _backend.active.name == "cuda" else result  # one small copy: loss and label check
+    host = to_host(result)  # one small copy: the loss and the label check
     loss, bad = float(host[0]), int(host[1])
     if bad:
         raise ValueError(f"labels: {bad} value(s) outside [0, {classes})")
@@ -117,3 +117,103 @@ def sgd_update(w, dw, v, lr, momentum=0.9, weight_decay=5e-4):
     check.writable(w, "w")
     check.writable(v, "v")
     _call("sgd_update", w, dw, v, lr, momentum, weight_decay)
+
+
+def _lrn_args(size, alpha, beta, k):
+    size = check.positive_int(size, "size")
+    if size % 2 == 0:
+        raise ValueError(f"size: expected an odd window, got {size}")
+    return size, check.nonnegative_finite(alpha, "alpha"), check.nonnegative_finite(beta, "beta"), \
+        check.positive_finite(k, "k")
+
+
+def lrn_forward(x, size=5, alpha=1e-4, beta=0.75, k=2.0):
+    """Local response normalisation across channels, the paper's formula (NCHW):
+    y[c] = x[c] / (k + alpha * sum_{|c' - c| <= size // 2} x[c']^2)^beta. alpha is NOT divided by size (PyTorch's
+    local_response_norm divides it: pass alpha * size there to compare)."""
+    size, alpha, beta, k = _lrn_args(size, alpha, beta, k)
+    x = check.array(x, "x", ndim=4)
+    y = _empty(x.shape)
+    _call("lrn_forward", x, y, size, alpha, beta, k)
+    return y
+
+
+def lrn_backward(dy, x, y, size=5, alpha=1e-4, beta=0.75, k=2.0):
+    """dx of lrn_forward, given its input x and output y (the denominator is recomputed, not stored)."""
+    size, alpha, beta, k = _lrn_args(size, alpha, beta, k)
+    x = check.array(x, "x", ndim=4)
+    dy = check.array(dy, "dy", ndim=4)
+    y = check.array(y, "y", ndim=4)
+    check.same_shape(dy, "dy", x.shape)
+    check.same_shape(y, "y", x.shape)
+    dx = _empty(x.shape)
+    _call("lrn_backward", dy, x, y, dx, size, alpha, beta, k)
+    return dx
+
+
+def _pool_shape(x, size, stride):
+    size = check.positive_int(size, "size")
+    stride = check.positive_int(stride, "stride")
+    n, c, h, w = x.shape
+    if h < size or w < size:
+        raise ValueError(f"x: a {size}x{size} pooling window does not fit an input of {h}x{w} (H x W)")
+    return size, stride, (n, c, (h - size) // stride + 1, (w - size) // stride + 1)
+
+
+def maxpool_forward(x, size=3, stride=2):
+    """Max over size x size windows every `stride` pixels (NCHW), floor mode, no padding. NaN propagates."""
+    x = check.array(x, "x", ndim=4)
+    size, stride, pooled = _pool_shape(x, size, stride)
+    y = _empty(pooled)
+    _call("maxpool_forward", x, y, size, stride)
+    return y
+
+
+def maxpool_backward(dy, x, y, size=3, stride=2):
+    """dx of maxpool_forward: each dy goes to its window's first maximum (row-major). Deterministic."""
+    x = check.array(x, "x", ndim=4)
+    size, stride, pooled = _pool_shape(x, size, stride)
+    dy = check.array(dy, "dy", ndim=4)
+    y = check.array(y, "y", ndim=4)
+    check.same_shape(dy, "dy", pooled)
+    check.same_shape(y, "y", pooled)
+    dx = _empty(x.shape)
+    _call("maxpool_backward", dy, x, y, dx, size, stride)
+    return dx
+
+
+def dropout_forward(x, p=0.5, seed=0):
+    """Inverted dropout: each element is kept with probability 1 - p and scaled by 1 / (1 - p), or zeroed.
+
+    The decision for element i (row-major) is a pure function of (seed, i) through Philox4x32-10, the same on
+    every backend. Returns (y, mask): mask is uint32 with one bit per element (bit b of word w: element 32 w + b).
+    """
+    p = check.unit_interval(p, "p")
+    seed = check.seed(seed)
+    x = check.array(x, "x")
+    y = _empty(x.shape)
+    mask = _backend.active.xp.empty(((x.size + 31) // 32,), dtype=np.uint32)
+    _call("dropout_forward", x, y, mask, p, seed)
+    return y, mask
+
+
+def dropout_backward(dy, mask, p=0.5):
+    """dx = dy / (1 - p) where the mask kept the element, else 0."""
+    p = check.unit_interval(p, "p")
+    dy = check.array(dy, "dy")
+    mask = check.array(mask, "mask", dtype=np.uint32, ndim=1)
+    check.same_shape(mask, "mask", ((dy.size + 31) // 32,))
+    dx = _empty(dy.shape)
+    _call("dropout_backward", dy, mask, dx, p)
+    return dx
+
+
+def dropout_keep(mask, shape) -> np.ndarray:
+    """The bit mask of dropout_forward as a host boolean array of `shape` (True = kept)."""
+    n = int(np.prod(shape))
+    words = np.asarray(to_host(mask), dtype="<u4")
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool).reshape(shape)
+
+
+def to_host(a) -> np.ndarray:
+    return a.get() if _backend.active.name == "cuda" and not isinstance(a, np.ndarray) else np.asarray(a)

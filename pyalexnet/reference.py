@@ -217,3 +217,32 @@ def sgd_update(w, dw, v, lr, momentum=0.9, weight_decay=5e-4):
     w, dw, v = _f64(w), _f64(dw), _f64(v)
     v_new = momentum * v - weight_decay * lr * w - lr * dw
     return w + v_new, v_new
+
+
+# ---- the dropout generator: Philox4x32-10, and the mask it gives ----------------------------------------------------
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al. 2011) on uint32 counters of shape (..., 4) and a key (k0, k1)."""
+    c = [np.asarray(counter, dtype=np.uint64)[..., i] for i in range(4)]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]  # a 32 x 32 -> 64-bit product: hi and lo halves
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _M32]
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def dropout_mask(shape, p, seed):
+    """Which elements dropout keeps (True), as the kernels decide: element i draws word i % 4 of
+    philox4x32_10((i // 4 mod 2^32, i // 2^34, 0, 0), (seed mod 2^32, seed // 2^32)) and is kept iff its top 24
+    bits are >= ceil(p * 2^24)."""
+    n = int(np.prod(shape))
+    quads = np.arange((n + 3) // 4, dtype=np.uint64)
+    zeros = np.zeros_like(quads)
+    counters = np.stack([quads & _M32, quads >> np.uint64(32), zeros, zeros], axis=-1)
+    draws = philox4x32_10(counters, (seed & 0xFFFFFFFF, seed >> 32)).reshape(-1)[:n]
+    return ((draws >> 8) >= int(np.ceil(p * 2**24))).reshape(shape)

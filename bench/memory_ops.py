@@ -1,0 +1,172 @@
+"""The paper's memory-bound layers at AlexNet's shapes (batch 128): LRN, max-pooling, dropout, in GB/s.
+
+    python bench/memory_ops.py [--batch 128] [--iters 30] [--json PATH]
+
+Each op is timed forward and backward on the cuda backend with CUDA events (warm-up, then the median of
+--iters runs, the inputs rotated among buffers larger than L2 together), reported as GB/s of the bytes it
+must move, as a percentage of the device's measured copy bandwidth, and against PyTorch's implementation of
+the same op on the same inputs (F.local_response_norm with alpha * n, F.max_pool2d, F.dropout; backward
+through autograd). Without a CUDA device it says so and exits 0: the emulator measures nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (op, layer, one image's input shape); the paper's hyperparameters (LRN 5/1e-4/0.75/2, pool 3/2, p = 0.5)
+CASES = [
+    ("lrn", "paper conv1", (96, 55, 55)),
+    ("lrn", "paper conv2", (256, 27, 27)),
+    ("maxpool", "paper conv1", (96, 55, 55)),
+    ("maxpool", "torchvision conv1", (64, 55, 55)),
+    ("maxpool", "paper conv2", (256, 27, 27)),
+    ("maxpool", "torchvision conv2", (192, 27, 27)),
+    ("maxpool", "conv5", (256, 13, 13)),
+    ("dropout", "before fc6", (9216,)),
+    ("dropout", "before fc7", (4096,)),
+]
+
+
+def _timer(cp, iters):
+    def time_ms(fn, rotate):
+        for i in range(3):
+            fn(i % rotate)
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for i in range(iters):
+            start.record()
+            fn(i % rotate)
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop))
+        return float(np.median(times))
+
+    return time_ms
+
+
+def copy_bandwidth(cp, time_ms) -> float:
+    """GB/s of a device-to-device copy of 1 GiB (bytes read + bytes written)."""
+    a = cp.empty(1 << 28, dtype=cp.float32)
+    b = cp.empty_like(a)
+    ms = time_ms(lambda _: b.__setitem__(slice(None), a), 1)
+    return 2 * a.nbytes / ms / 1e6
+
+
+def bench_case(op, layer, full, rng, time_ms, peak, torch) -> dict:
+    import cupy as cp
+
+    import pyalexnet as pa
+
+    n = int(np.prod(full))
+    rotate = max(2, int(np.ceil(3 * 50e6 / (4 * n))))  # the rotated inputs together exceed a 50 MB L2
+    xs = [cp.asarray(rng.standard_normal(full).astype(np.float32)) for _ in range(rotate)]
+    if op == "lrn":
+        ys = [pa.ops.lrn_forward(x) for x in xs]
+        dys = [cp.ones_like(y) for y in ys]
+        def fwd(i): return pa.ops.lrn_forward(xs[i])
+        def bwd(i): return pa.ops.lrn_backward(dys[i], xs[i], ys[i])
+        bytes_f, bytes_b = 2 * 4 * n, 4 * 4 * n
+    elif op == "maxpool":
+        ys = [pa.ops.maxpool_forward(x) for x in xs]
+        dys = [cp.ones_like(y) for y in ys]
+        out = ys[0].size
+        def fwd(i): return pa.ops.maxpool_forward(xs[i])
+        def bwd(i): return pa.ops.maxpool_backward(dys[i], xs[i], ys[i])
+        bytes_f, bytes_b = 4 * (n + out), 4 * (2 * n + 2 * out)
+    else:
+        masks = [pa.ops.dropout_forward(x, 0.5, seed=i)[1] for i, x in enumerate(xs)]
+        dys = [cp.ones_like(x) for x in xs]
+        def fwd(i): return pa.ops.dropout_forward(xs[i], 0.5, seed=i)
+        def bwd(i): return pa.ops.dropout_backward(dys[i], masks[i], 0.5)
+        bytes_f, bytes_b = 8 * n + n // 8, 8 * n + n // 8
+    row = {"op": op, "layer": layer, "shape": list(full)}
+    for direction, fn, nbytes in (("forward", fwd, bytes_f), ("backward", bwd, bytes_b)):
+        ms = time_ms(fn, rotate)
+        row[direction] = {"ms": ms, "GB/s": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e6 / peak}
+    if torch is not None:
+        F = torch.nn.functional
+        torch_op = {
+            "lrn": lambda t: F.local_response_norm(t, 5, alpha=1e-4 * 5, beta=0.75, k=2.0),
+            "maxpool": lambda t: F.max_pool2d(t, 3, 2),
+            "dropout": lambda t: F.dropout(t, 0.5, training=True),
+        }[op]
+        txs = [torch.as_tensor(x, device="cuda").requires_grad_() for x in xs]
+        tys = [torch_op(t) for t in txs]
+        tdys = [torch.ones_like(t) for t in tys]
+        with torch.no_grad():
+            t_fwd = time_ms(lambda i: torch_op(txs[i]), rotate)
+        t_bwd = time_ms(lambda i: torch.autograd.grad(tys[i], txs[i], tdys[i], retain_graph=True), rotate)
+        for direction, t_ms in (("forward", t_fwd), ("backward", t_bwd)):
+            row[direction]["torch_ms"] = t_ms
+            row[direction]["speedup"] = t_ms / row[direction]["ms"]
+    return row
+
+
+def run(args) -> dict:
+    import cupy as cp
+
+    try:
+        import torch
+
+        torch.backends.cudnn.benchmark = True
+    except ImportError:
+        torch = None
+    time_ms = _timer(cp, args.iters)
+    peak = copy_bandwidth(cp, time_ms)
+    rng = np.random.default_rng(0)
+    rows = [bench_case(op, layer, (args.batch, *shape), rng, time_ms, peak, torch) for op, layer, shape in CASES]
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    return {
+        "bench": "memory_ops",
+        "date": datetime.date.today().isoformat(),
+        "card": props["name"].decode(),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip() or "unknown",
+        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "torch": None if torch is None else torch.__version__,
+        "batch": args.batch,
+        "iters": args.iters,
+        "copy_GBps": peak,
+        "rows": rows,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
+    args = parser.parse_args()
+    import pyalexnet as pa
+
+    if pa.backend_name() != "cuda":
+        print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; "
+              "run this on a GPU machine")
+        return 0
+    result = run(args)
+    print(f"{result['card']}, copy bandwidth {result['copy_GBps']:.0f} GB/s, batch {args.batch}")
+    print(f"{'op':<9}{'layer':<19}{'dir':<9}{'ms':>8}{'GB/s':>8}{'% copy':>8}{'torch ms':>10}{'speedup':>11}")
+    for r in result["rows"]:
+        for d in ("forward", "backward"):
+            m = r[d]
+            torch_ms = f"{m['torch_ms']:>10.3f}{m['speedup']:>10.2f}x" if "torch_ms" in m else ""
+            print(f"{r['op']:<9}{r['layer']:<19}{d:<9}{m['ms']:>8.3f}{m['GB/s']:>8.0f}{m['pct_copy']:>7.0f}%{torch_ms}")
+    path = args.json or ROOT / "bench" / "results" / (
+        f"{result['date']}-{result['card'].replace(' ', '_')}-{result['commit']}-memory_ops.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
