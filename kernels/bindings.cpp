@@ -39,6 +39,8 @@ struct Array {
     void* data;
     std::vector<int64_t> shape;
     int64_t size;
+    int64_t itemsize;
+    std::string dtype;  // "f4", "i4", ...
 };
 
 std::string shape_str(const std::vector<int64_t>& s) {
@@ -47,26 +49,36 @@ std::string shape_str(const std::vector<int64_t>& s) {
     return out + (s.size() == 1 ? ",)" : ")");
 }
 
-// Reads an array's interface and checks it. dtype is a typestr without byte order ("f4", "i4", "i8").
-Array array_arg(py::handle obj, const char* name, const char* dtype, bool writable) {
+// Reads an array's interface and checks it. `dtypes` is a typestr without byte order ("f4"), or several
+// separated by '|' ("i4|i8"); the one found is in Array::dtype.
+Array array_arg(py::handle obj, const char* name, const std::string& dtypes, bool writable) {
     if (!py::hasattr(obj, PA_INTERFACE))
         throw py::type_error(std::string(name) + ": expected " + PA_ARRAY_KIND + ", got " +
                              std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
-    const py::dict iface = obj.attr(PA_INTERFACE);
+    const py::object iface_obj = obj.attr(PA_INTERFACE);
+    if (!py::isinstance<py::dict>(iface_obj)) throw py::type_error(std::string(name) + ": " PA_INTERFACE " is not a dict");
+    const py::dict iface = iface_obj;
     const std::string typestr = py::str(iface["typestr"]);
-    if (typestr.size() < 2 || typestr.substr(1) != dtype || typestr[0] == '>')
-        throw py::type_error(std::string(name) + ": expected dtype " + dtype + " (little-endian), got " + typestr);
     Array a;
+    a.dtype = typestr.size() >= 2 ? typestr.substr(1) : typestr;
+    const std::string wanted = "|" + dtypes + "|";
+    if (typestr.size() < 3 || typestr[0] == '>' || wanted.find("|" + a.dtype + "|") == std::string::npos) {
+        std::string expected = dtypes;
+        for (size_t i; (i = expected.find('|')) != std::string::npos;) expected.replace(i, 1, " or ");
+        throw py::type_error(std::string(name) + ": expected dtype " + expected + " (little-endian), got " + typestr);
+    }
+    a.itemsize = std::stoll(a.dtype.substr(1));
     a.size = 1;
     for (py::handle d : py::tuple(iface["shape"])) {
         a.shape.push_back(d.cast<int64_t>());
+        if (a.shape.back() < 0) throw py::value_error(std::string(name) + ": negative dimension in " + shape_str(a.shape));
         a.size *= a.shape.back();
     }
     const py::object strides = iface.contains("strides") ? py::object(iface["strides"]) : py::object(py::none());
     if (!strides.is_none() && a.size > 0) {
-        const int64_t item = std::stoll(typestr.substr(2));
-        int64_t expect = item;
+        int64_t expect = a.itemsize;
         const py::tuple st(strides);
+        if (st.size() != a.shape.size()) throw py::value_error(std::string(name) + ": strides do not match the shape");
         for (size_t i = a.shape.size(); i-- > 0;) {
             if (a.shape[i] != 1 && st[i].cast<int64_t>() != expect)
                 throw py::value_error(std::string(name) + ": must be C-contiguous (got strides " +
@@ -74,11 +86,40 @@ Array array_arg(py::handle obj, const char* name, const char* dtype, bool writab
             expect *= a.shape[i];
         }
     }
-    const py::tuple data(iface["data"]);
-    a.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
-    if (writable && data[1].cast<bool>()) throw py::value_error(std::string(name) + ": is read-only, but it is written");
+    // The spec also allows a buffer object here; we take only the (pointer, read-only) pair.
+    const py::object data = iface["data"];
+    if (!py::isinstance<py::tuple>(data) || py::len(data) != 2 || !py::isinstance<py::int_>(py::tuple(data)[0]))
+        throw py::type_error(std::string(name) + ": expected (pointer, read_only) as the interface's data");
+    a.data = reinterpret_cast<void*>(py::tuple(data)[0].cast<uintptr_t>());
+    if (writable && py::tuple(data)[1].cast<bool>())
+        throw py::value_error(std::string(name) + ": is read-only, but it is written");
     if (a.size > 0 && !a.data) throw py::value_error(std::string(name) + ": has a null data pointer");
+    if (reinterpret_cast<uintptr_t>(a.data) % uintptr_t(a.itemsize))
+        throw py::value_error(std::string(name) + ": is not aligned to its " + std::to_string(a.itemsize) +
+                              "-byte elements (a GPU faults on such loads)");
     return a;
+}
+
+struct Named {
+    const Array& array;
+    const char* name;
+};
+
+// Outputs must not share memory with inputs or with each other: kernels read inputs while they write outputs
+// (exact in-place, the same array as input and output, is allowed where the caller says the op supports it).
+void expect_disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs, bool in_place = false) {
+    auto check = [](const Named& o, const Named& i, bool exact_ok) {
+        const auto lo1 = reinterpret_cast<uintptr_t>(o.array.data), lo2 = reinterpret_cast<uintptr_t>(i.array.data);
+        const auto hi1 = lo1 + uintptr_t(o.array.size * o.array.itemsize), hi2 = lo2 + uintptr_t(i.array.size * i.array.itemsize);
+        if (lo1 == hi1 || lo2 == hi2) return;
+        if (exact_ok && lo1 == lo2 && hi1 == hi2) return;
+        if (lo1 < hi2 && lo2 < hi1)
+            throw py::value_error(std::string(o.name) + ": shares memory with " + i.name + "; pass separate arrays");
+    };
+    for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+        for (const Named& i : inputs) check(*o, i, in_place);
+        for (auto o2 = o + 1; o2 != outputs.end(); ++o2) check(*o, *o2, false);
+    }
 }
 
 void expect_shape(const Array& a, const char* name, const std::vector<int64_t>& shape) {
@@ -92,9 +133,13 @@ void expect_rank(const Array& a, const char* name, size_t rank) {
                               shape_str(a.shape));
 }
 
+// Sizes the kernels index with 32-bit ints; the margin keeps loop counters (i += blockDim) from overflowing.
+constexpr int64_t kMaxDim = 2147483647 - 4096;
+
 int int_dim(int64_t v, const char* what) {
-    if (v > 2147483647)
-        throw py::value_error(std::string(what) + " = " + std::to_string(v) + " exceeds the 2^31 - 1 that the kernel indexes");
+    if (v > kMaxDim)
+        throw py::value_error(std::string(what) + " = " + std::to_string(v) + " exceeds " + std::to_string(kMaxDim) +
+                              ", the largest size the kernels index with 32-bit integers");
     return int(v);
 }
 
@@ -105,6 +150,7 @@ pa::Stream stream_arg(uintptr_t s) { return reinterpret_cast<pa::Stream>(s); }
 void relu_forward(py::handle x, py::handle y, uintptr_t stream) {
     const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
     expect_shape(ay, "y", ax.shape);
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}}, true);
     py::gil_scoped_release nogil;
     pa::relu_forward(f32(ax), f32(ay), ax.size, stream_arg(stream));
 }
@@ -114,6 +160,7 @@ void relu_backward(py::handle dy, py::handle y, py::handle dx, uintptr_t stream)
                 adx = array_arg(dx, "dx", "f4", true);
     expect_shape(ay, "y", ady.shape);
     expect_shape(adx, "dx", ady.shape);
+    expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {ay, "y"}}, true);
     py::gil_scoped_release nogil;
     pa::relu_backward(f32(ady), f32(ay), f32(adx), ady.size, stream_arg(stream));
 }
@@ -134,8 +181,10 @@ void sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b,
     if (!bias.is_none()) {
         const Array abias = array_arg(bias, "bias", "f4", false);
         expect_shape(abias, "bias", {N});
+        expect_disjoint({{ac, "c"}}, {{abias, "bias"}});
         pbias = f32(abias);
     }
+    expect_disjoint({{ac, "c"}}, {{aa, "a"}, {ab, "b"}});
     const int m = int_dim(M, "M"), n = int_dim(N, "N"), k = int_dim(K, "K");
     const int lda = int_dim(aa.shape[1], "lda"), ldb = int_dim(ab.shape[1], "ldb");
     py::gil_scoped_release nogil;
@@ -154,8 +203,10 @@ void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uint
     if (!b.is_none()) {
         const Array ab = array_arg(b, "b", "f4", false);
         expect_shape(ab, "b", {out});
+        expect_disjoint({{ay, "y"}}, {{ab, "b"}});
         pb = f32(ab);
     }
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}, {aw, "w"}});
     const int nb = int_dim(batch, "batch"), ni = int_dim(in, "in_features"), no = int_dim(out, "out_features");
     py::gil_scoped_release nogil;
     pa::linear_forward(f32(ax), f32(aw), pb, f32(ay), nb, ni, no, stream_arg(stream));
@@ -174,6 +225,7 @@ void linear_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, p
     expect_shape(adx, "dx", {batch, in});
     expect_shape(adw, "dw", {out, in});
     expect_shape(adb, "db", {out});
+    expect_disjoint({{adx, "dx"}, {adw, "dw"}, {adb, "db"}}, {{ady, "dy"}, {ax, "x"}, {aw, "w"}});
     const int nb = int_dim(batch, "batch"), ni = int_dim(in, "in_features"), no = int_dim(out, "out_features");
     py::gil_scoped_release nogil;
     pa::linear_backward(f32(ady), f32(ax), f32(aw), f32(adx), f32(adw), f32(adb), nb, ni, no, stream_arg(stream));
@@ -187,13 +239,13 @@ void softmax_xent(py::handle logits, py::handle labels, py::handle dlogits, py::
     const int64_t batch = al.shape[0], classes = al.shape[1];
     if (batch < 1 || classes < 1)
         throw py::value_error("logits: expected shape (batch >= 1, classes >= 1), got " + shape_str(al.shape));
-    const std::string typestr = py::str(labels.attr(PA_INTERFACE)["typestr"]);
-    const bool int64 = typestr.size() == 3 && typestr.substr(1) == "i8";
-    const Array alab = array_arg(labels, "labels", int64 ? "i8" : "i4", false);
+    const Array alab = array_arg(labels, "labels", "i4|i8", false);
+    const bool int64 = alab.dtype == "i8";
     expect_shape(alab, "labels", {batch});
     expect_shape(ad, "dlogits", al.shape);
     expect_shape(ar, "row_loss", {batch});
     expect_shape(ares, "result", {2});
+    expect_disjoint({{ad, "dlogits"}, {ar, "row_loss"}, {ares, "result"}}, {{al, "logits"}, {alab, "labels"}});
     const int nb = int_dim(batch, "batch"), nc = int_dim(classes, "classes");
     py::gil_scoped_release nogil;
     pa::softmax_xent(f32(al), alab.data, int64, f32(ad), f32(ar), f32(ares), nb, nc, stream_arg(stream));
@@ -205,6 +257,7 @@ void sgd_update(py::handle w, py::handle dw, py::handle v, float lr, float momen
                 av = array_arg(v, "v", "f4", true);
     expect_shape(adw, "dw", aw.shape);
     expect_shape(av, "v", aw.shape);
+    expect_disjoint({{aw, "w"}, {av, "v"}}, {{adw, "dw"}});
     if (!(std::isfinite(lr) && lr > 0.0f)) throw py::value_error("lr: expected a finite value > 0, got " + std::to_string(lr));
     if (!(momentum >= 0.0f && momentum < 1.0f))
         throw py::value_error("momentum: expected a value in [0, 1), got " + std::to_string(momentum));
@@ -231,6 +284,7 @@ void lrn_forward(py::handle x, py::handle y, int size, float alpha, float beta, 
     const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
     expect_nchw(ax, "x");
     expect_shape(ay, "y", ax.shape);
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}});
     lrn_check(size, alpha, beta, k);
     const int C = int_dim(ax.shape[1], "channels");
     py::gil_scoped_release nogil;
@@ -245,6 +299,7 @@ void lrn_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, int 
     expect_shape(ady, "dy", ax.shape);
     expect_shape(ay, "y", ax.shape);
     expect_shape(adx, "dx", ax.shape);
+    expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {ax, "x"}, {ay, "y"}});
     lrn_check(size, alpha, beta, k);
     const int C = int_dim(ax.shape[1], "channels");
     py::gil_scoped_release nogil;
@@ -269,6 +324,7 @@ std::vector<int64_t> pool_shape(const Array& x, int size, int stride) {
 void maxpool_forward(py::handle x, py::handle y, int size, int stride, uintptr_t stream) {
     const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
     expect_shape(ay, "y", pool_shape(ax, size, stride));
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}});
     py::gil_scoped_release nogil;
     pa::maxpool_forward(f32(ax), f32(ay), ax.shape[0] * ax.shape[1], int(ax.shape[2]), int(ax.shape[3]), size, stride,
                         stream_arg(stream));
@@ -281,6 +337,7 @@ void maxpool_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, 
     expect_shape(ady, "dy", pooled);
     expect_shape(ay, "y", pooled);
     expect_shape(adx, "dx", ax.shape);
+    expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {ax, "x"}, {ay, "y"}});
     py::gil_scoped_release nogil;
     pa::maxpool_backward(f32(ady), f32(ax), f32(ay), f32(adx), ax.shape[0] * ax.shape[1], int(ax.shape[2]),
                          int(ax.shape[3]), size, stride, stream_arg(stream));
@@ -297,6 +354,7 @@ void dropout_forward(py::handle x, py::handle y, py::handle mask, double p, unsi
                 am = array_arg(mask, "mask", "u4", true);
     expect_shape(ay, "y", ax.shape);
     expect_shape(am, "mask", {(ax.size + 31) / 32});
+    expect_disjoint({{ay, "y"}, {am, "mask"}}, {{ax, "x"}});
     const unsigned threshold = keep_threshold(p);
     py::gil_scoped_release nogil;
     pa::dropout_forward(f32(ax), f32(ay), static_cast<unsigned*>(am.data), ax.size, seed, threshold,
@@ -308,6 +366,7 @@ void dropout_backward(py::handle dy, py::handle mask, py::handle dx, double p, u
                 adx = array_arg(dx, "dx", "f4", true);
     expect_shape(am, "mask", {(ady.size + 31) / 32});
     expect_shape(adx, "dx", ady.shape);
+    expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {am, "mask"}});
     keep_threshold(p);
     py::gil_scoped_release nogil;
     pa::dropout_backward(f32(ady), static_cast<const unsigned*>(am.data), f32(adx), ady.size, float(1.0 / (1.0 - p)),
@@ -355,6 +414,21 @@ void selftest_atomics(py::handle x, py::handle counters, uintptr_t stream) {
     const int n = int_dim(ax.size, "n");
     py::gil_scoped_release nogil;
     pa::selftest_atomics(static_cast<const int*>(ax.data), static_cast<int*>(ac.data), n, stream_arg(stream));
+}
+
+void selftest_exited_lanes(py::handle x, py::handle out, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), aout = array_arg(out, "out", "f4", true);
+    expect_shape(ax, "x", {48});
+    expect_shape(aout, "out", {48});
+    py::gil_scoped_release nogil;
+    pa::selftest_exited_lanes(f32(ax), f32(aout), stream_arg(stream));
+}
+
+void selftest_uninitialised_shared(py::handle out, uintptr_t stream) {
+    const Array aout = array_arg(out, "out", "f4", true);
+    expect_shape(aout, "out", {128});
+    py::gil_scoped_release nogil;
+    pa::selftest_uninitialised_shared(f32(aout), stream_arg(stream));
 }
 
 void selftest_planted(const std::string& fault, py::handle scratch) {
@@ -429,5 +503,7 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("selftest_dynamic_shared", &selftest_dynamic_shared, py::arg("x"), py::arg("y"), py::arg("shared_floats"), s);
     m.def("selftest_atomics", &selftest_atomics, py::arg("x"), py::arg("counters"), s);
     m.def("selftest_planted", &selftest_planted, py::arg("fault"), py::arg("scratch"));
+    m.def("selftest_exited_lanes", &selftest_exited_lanes, py::arg("x"), py::arg("out"), s);
+    m.def("selftest_uninitialised_shared", &selftest_uninitialised_shared, py::arg("out"), s);
     m.def("selftest_static_shared_bytes", &pa::selftest_static_shared_bytes);
 }

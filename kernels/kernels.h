@@ -61,9 +61,12 @@ void selftest_tiled_gemm(const float* A, const float* B, float* C, int M, int N,
 void selftest_shuffle_sum(const float* x, float* out, int n, int variant, Stream stream);
 void selftest_dynamic_shared(const float* x, float* y, int n, int shared_floats, Stream stream);
 void selftest_atomics(const int* x, int* counters, int n, Stream stream);
+void selftest_exited_lanes(const float* x, float* out, Stream stream);  // x, out: 48 floats
+void selftest_uninitialised_shared(float* out, Stream stream);         // out: 128 floats
 // Launches a deliberately faulty kernel (emulator only): "divergent_barrier", "exit_before_barrier",
 // "deadlock", "inactive_lane", "too_many_threads", "grid_too_large", "dynamic_shared_over_limit",
-// "dynamic_shared_over_optin", "static_shared_over_limit", "mask_mismatch".
+// "dynamic_shared_over_optin", "static_shared_over_limit", "mask_mismatch", "reads_exited_lane",
+// "stack_overflow".
 void selftest_planted(const char* fault, float* scratch, Stream stream);
 // The static shared memory of selftest_tiled_gemm's kernel as the backend measures it (ptxas says 2112 B).
 long long selftest_static_shared_bytes();

@@ -116,6 +116,38 @@ void selftest_atomics(const int* x, int* counters, int n, Stream stream) {
     PA_LAUNCH(selftest_atomics_kernel, std::min(64u, ceil_div(n, 256)), 256, 0, as_stream(stream), x, counters, n);
 }
 
+// ---- lanes that exit early: a full-mask collective waits only for the lanes still running ---------------------
+// 48 threads (the second warp is partial); threads >= 40 return at once. Each remaining thread writes how many
+// of its warp's running lanes hold a positive x (a __ballot_sync over the full mask, after a __syncwarp).
+__global__ void selftest_exited_lanes_kernel(const float* x, float* out) {
+    const int t = threadIdx.x;
+    if (t >= 40) return;
+    __syncwarp();
+    out[t] = float(__popc(__ballot_sync(0xffffffffu, x[t] > 0.0f)));
+}
+
+void selftest_exited_lanes(const float* x, float* out, Stream stream) {
+    PA_LAUNCH(selftest_exited_lanes_kernel, 1, 48, 0, as_stream(stream), x, out);
+}
+
+// ---- shared memory read before it is written: what a block finds there (the emulator poisons it) -------------
+// out[block * 64 + t] = the static shared float t, out[block * 64 + 32 + t] = the dynamic one; two blocks, so the
+// second block would see the first block's writes if shared memory kept them.
+__global__ void selftest_uninitialised_shared_kernel(float* out) {
+    __shared__ float fixed[32];
+    PA_DYNAMIC_SHARED(float, dynamic);
+    const int t = threadIdx.x;
+    out[blockIdx.x * 64 + t] = fixed[t];
+    out[blockIdx.x * 64 + 32 + t] = dynamic[t];
+    __syncthreads();
+    fixed[t] = 1000.0f + blockIdx.x;
+    dynamic[t] = 2000.0f + blockIdx.x;
+}
+
+void selftest_uninitialised_shared(float* out, Stream stream) {
+    PA_LAUNCH(selftest_uninitialised_shared_kernel, 2, 32, 32 * sizeof(float), as_stream(stream), out);
+}
+
 // ---- planted faults ------------------------------------------------------------------------------------------
 __global__ void planted_divergent_barrier(float* s) {
     if (threadIdx.x < 16) {
@@ -152,6 +184,12 @@ __global__ void planted_mask_mismatch(float* s) {
     s[threadIdx.x] = v;
 }
 
+__global__ void planted_reads_exited_lane(float* s) {
+    if (threadIdx.x >= 16) return;
+    s[threadIdx.x] = __shfl_down_sync(0xffffffffu, s[threadIdx.x], 16);
+}
+
+
 __global__ void planted_trivial(float* s) {
     if (threadIdx.x == 0 && blockIdx.x == 0) s[0] = 1.0f;
 }
@@ -162,12 +200,21 @@ __global__ void planted_dynamic_shared(float* s) {
     s[threadIdx.x] = buf[threadIdx.x];
 }
 
-// 64 KB of static shared memory: ptxas refuses it outright, so only the emulator build sees this kernel.
+// Faults only the emulator build sees: ptxas refuses 64 KB of static shared memory outright, and 80 KB of
+// locals would be a GPU stack frame (local memory), which tests/test_ptxas.py forbids.
 #if !defined(__CUDACC__)
 __global__ void planted_static_shared(float* s) {
     __shared__ float big[16384];
     big[threadIdx.x] = 1.0f;
     s[threadIdx.x] = big[threadIdx.x];
+}
+
+// Thread 1 puts 80 KB of locals on its 64 KB emulator stack.
+__global__ void planted_stack_overflow(float* s) {
+    if (threadIdx.x != 1) return;
+    volatile float big[20000];
+    for (int i = 0; i < 20000; ++i) big[i] = float(i);
+    s[1] = big[19999];
 }
 #endif
 
@@ -181,12 +228,15 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "deadlock") PA_LAUNCH(planted_deadlock, 1, 32, 0, st, s);
     else if (f == "inactive_lane") PA_LAUNCH(planted_inactive_lane, 1, 32, 0, st, s);
     else if (f == "mask_mismatch") PA_LAUNCH(planted_mask_mismatch, 1, 32, 0, st, s);
+    else if (f == "reads_exited_lane") PA_LAUNCH(planted_reads_exited_lane, 1, 32, 0, st, s);
+
     else if (f == "too_many_threads") PA_LAUNCH(planted_trivial, 1, 2048, 0, st, s);
     else if (f == "grid_too_large") PA_LAUNCH(planted_trivial, dim3(1, 70000), 32, 0, st, s);
     else if (f == "dynamic_shared_over_limit") PA_LAUNCH(planted_dynamic_shared, 1, 32, 64 * 1024, st, s);
     else if (f == "dynamic_shared_over_optin") set_max_dynamic_shared(planted_dynamic_shared, 300 * 1024);
 #if !defined(__CUDACC__)
     else if (f == "static_shared_over_limit") PA_LAUNCH(planted_static_shared, 1, 32, 0, st, s);
+    else if (f == "stack_overflow") PA_LAUNCH(planted_stack_overflow, 1, 2, 0, st, s);
 #endif
     else throw KernelError("selftest_planted: unknown fault '" + f + "'");
 }

@@ -68,6 +68,8 @@ def array(a, name: str, *, dtype=np.float32, ndim: int | None = None):
         raise TypeError(f"{name}: expected dtype {expected}, got {a.dtype}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(a.shape)}")
+    if not getattr(a.flags, "aligned", True):  # NumPy can view a buffer at any byte offset; a GPU cannot load that
+        raise ValueError(f"{name}: is not aligned to its {a.dtype.itemsize}-byte elements; pass an aligned copy")
     if not a.flags.c_contiguous:
         raise ValueError(
             f"{name}: must be C-contiguous (got strides {a.strides} for shape {tuple(a.shape)}); "

@@ -71,6 +71,9 @@ PLANTED = {
     "dynamic_shared_over_limit": r"requests 65536 bytes of dynamic shared memory but the kernel may use 49152",
     "dynamic_shared_over_optin": r"307200 bytes exceeds the device's 232448 bytes",
     "static_shared_over_limit": r"declares 65536 bytes of static __shared__ memory; a kernel may declare at most 49152",
+    "reads_exited_lane": r"__shfl_down_sync at kernels/selftest\.cu:\d+, thread \(0,0,0\) \(lane 0\): reads lane 16, "
+    r"which has exited",
+    "stack_overflow": r"thread \(1,0,0\) overflowed its 64 KB emulator stack",
 }
 
 
@@ -83,10 +86,31 @@ def test_planted_fault_is_reported(fault):
     message = str(info.value)
     if fault != "dynamic_shared_over_optin":  # that one fails before any launch
         assert "kernel planted_" in message and "launched at kernels/selftest.cu:" in message
-    if fault in ("divergent_barrier", "exit_before_barrier", "deadlock", "inactive_lane", "mask_mismatch"):
+    if fault in ("divergent_barrier", "exit_before_barrier", "deadlock", "inactive_lane", "mask_mismatch",
+                 "reads_exited_lane", "stack_overflow"):
         assert "block (0,0,0)" in message
     # The pool survives a fault: the next launch works.
     test_tiled_gemm_in_shared_memory(np.random.default_rng(0), 5, 6, 7)
+
+
+def test_collectives_wait_only_for_lanes_still_running(rng):
+    # A full-mask __syncwarp and __ballot_sync in a block of 48 threads of which 8 have exited: valid CUDA.
+    x = rng.standard_normal(48).astype(np.float32)
+    out = pa.asarray(np.full(48, np.nan, np.float32))
+    mod.selftest_exited_lanes(pa.asarray(x), out)
+    out = pa.to_numpy(out)
+    np.testing.assert_array_equal(out[:32], np.full(32, (x[:32] > 0).sum()))
+    np.testing.assert_array_equal(out[32:40], np.full(8, (x[32:40] > 0).sum()))
+    assert np.isnan(out[40:]).all()
+
+
+@pytest.mark.emu
+def test_shared_memory_starts_poisoned_in_every_block():
+    # Static and dynamic shared memory read before any write: all NaN (0xffffffff), in the second block too,
+    # so neither zeros nor the first block's values can pass for initialised data.
+    out = np.zeros(128, np.float32)
+    mod.selftest_uninitialised_shared(out)
+    assert (out.view(np.uint32) == 0xFFFFFFFF).all()
 
 
 def test_static_shared_memory_is_measured():

@@ -156,3 +156,69 @@ def test_torch_cpu_tensor_is_accepted_without_copy_on_emu(torch, rng):
     t = torch.randn(5)
     y = pa.ops.relu_forward(t)
     np.testing.assert_array_equal(y, np.maximum(t.numpy(), 0))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="host-memory interface cases")
+def test_binding_rejects_hostile_array_interfaces():
+    mod = pa._backend.active.module
+    y = np.zeros(16, np.float32)
+
+    class Fake:
+        def __init__(self, **iface):
+            self.__array_interface__ = {"version": 3, "typestr": "<f4", "shape": (16,), "data": (y.ctypes.data, False),
+                                        **iface}
+
+    with pytest.raises(TypeError, match=r"x: expected \(pointer, read_only\)"):
+        mod.relu_forward(Fake(data=bytearray(64)), y)  # the spec allows a buffer here; we refuse it
+    with pytest.raises(ValueError, match=r"x: negative dimension"):
+        mod.relu_forward(Fake(shape=(-4, -4)), y)
+    with pytest.raises(ValueError, match=r"x: is not aligned to its 4-byte elements"):
+        mod.relu_forward(Fake(data=(y.ctypes.data + 1, False)), y)
+    with pytest.raises(TypeError, match=r"labels: expected a host array"):
+        mod.softmax_xent(np.zeros((2, 3), np.float32), [0, 1], np.zeros((2, 3), np.float32), np.zeros(2, np.float32),
+                         np.zeros(2, np.float32))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="NumPy's unaligned views")
+def test_unaligned_numpy_array_is_rejected():
+    x = np.ndarray((4,), np.float32, buffer=bytearray(17), offset=1)
+    with pytest.raises(ValueError, match=r"x: is not aligned to its 4-byte elements"):
+        pa.ops.relu_forward(x)
+
+
+def test_binding_rejects_overlapping_outputs(rng):
+    mod = pa._backend.active.module
+    base = randn(rng, 65)
+    with pytest.raises(ValueError, match=r"y: shares memory with x"):
+        mod.relu_forward(base[:-1], base[1:])
+    c = randn(rng, 8, 8)
+    with pytest.raises(ValueError, match=r"c: shares memory with a"):
+        mod.sgemm(c, randn(rng, 8, 8), c)
+    w = randn(rng, 10)
+    with pytest.raises(ValueError, match=r"w: shares memory with v"):
+        mod.sgd_update(w, randn(rng, 10), w, 0.1, 0.9, 0.0)
+    logits = randn(rng, 2, 5)
+    with pytest.raises(ValueError, match=r"dlogits: shares memory with logits"):
+        mod.softmax_xent(logits, pa.asarray(np.zeros(2, np.int32)), logits, randn(rng, 2), randn(rng, 2))
+
+
+def test_exact_in_place_relu_is_allowed(rng):
+    x = randn(rng, 100)
+    expect = np.maximum(pa.to_numpy(x), 0)
+    pa._backend.active.module.relu_forward(x, x)
+    np.testing.assert_array_equal(pa.to_numpy(x), expect)
+
+
+def test_sizes_beyond_32_bit_indexing_are_refused_before_any_allocation():
+    # The check reads only the interface: these logical arrays of 2^31 rows never touch memory.
+    mod = pa._backend.active.module
+    key = "__cuda_array_interface__" if ON_CUDA else "__array_interface__"
+
+    def fake(shape, address):
+        obj = type("Huge", (), {})()
+        setattr(obj, key, {"version": 3, "typestr": "<f4", "shape": shape, "data": (address, False)})
+        return obj
+
+    x, w, y = fake((2**31, 1), 1 << 44), fake((1, 1), 1 << 45), fake((2**31, 1), 1 << 46)
+    with pytest.raises(ValueError, match=r"batch = 2147483648 exceeds"):
+        mod.linear_forward(x, w, None, y)

@@ -10,8 +10,10 @@
 // A warp collective completes when the last lane of its mask arrives; results are computed then, from a
 // snapshot of what every participating lane brought, so a lane may exit right after it.
 #include <dlfcn.h>
-#include <pthread.h>
 #include <elf.h>
+#include <link.h>
+#include <sched.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -54,7 +56,12 @@ constexpr size_t kDefaultDynamicShared = 48 * 1024;  // without cudaFuncAttribut
 constexpr size_t kMaxDynamicShared = 227 * 1024;     // Hopper's opt-in ceiling per block
 
 constexpr size_t kStackBytes = 64 * 1024;  // peak use measured under 4 KB; the rest is margin
-constexpr size_t kGuardBytes = 4096;       // an overflow faults instead of corrupting a neighbour
+constexpr size_t kPage = 4096;
+// Stacks sit side by side in one mapping (guard pages between them would cost a memory-map entry each, and a
+// process has only ~65k). Instead the lowest bytes of each stack hold a canary, checked every time a fiber
+// switches back: an overflow is reported, as a KernelError, as soon as it has happened.
+constexpr int kCanaryWords = 8;
+constexpr uint64_t kCanary = 0x5AFEC0DE5AFEC0DEull;
 
 enum class State : unsigned char { Runnable, AtBarrier, InCollective, Done };
 
@@ -78,6 +85,7 @@ struct Fiber {
 // One warp collective in progress: lanes arrive one by one; it completes when `arrived == mask`.
 struct Group {
     bool in_use = false;
+    bool complete = false;
     Collective kind = Collective::SyncWarp;
     unsigned mask = 0;
     unsigned arrived = 0;
@@ -121,8 +129,14 @@ struct Worker {
     unsigned char* stacks = nullptr;
     std::vector<Fiber> fibers = std::vector<Fiber>(kMaxThreadsPerBlock);
     std::vector<std::vector<Group>> groups = std::vector<std::vector<Group>>(kMaxThreadsPerBlock / 32);
-    unsigned char* dynamic_shared = nullptr;
-    size_t dynamic_capacity = 0;
+    // Lanes that have exited, or do not exist (past the block's last thread): a warp collective waits only
+    // for the lanes of its mask that have not exited, as the GPU does.
+    std::vector<unsigned> exited = std::vector<unsigned>(kMaxThreadsPerBlock / 32);
+    // Dynamic shared memory ends where a PROT_NONE page begins, so reading or writing past the bytes the
+    // launch asked for faults at once rather than corrupting the heap (with 0 bytes, any use faults).
+    unsigned char* dynamic_region = nullptr;
+    unsigned char* dynamic_guard = nullptr;
+    unsigned char* tls_block = nullptr;  // this thread's instance of the module's TLS segment (static shared)
     int nthreads = 0;
     const std::function<void()>* body = nullptr;
     std::string error;  // the first fault of the current block, empty if none
@@ -131,19 +145,39 @@ struct Worker {
 #endif
 
     Worker() {
-        const size_t total = kMaxThreadsPerBlock * (kStackBytes + kGuardBytes);
-        void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p == MAP_FAILED) {
-            std::fprintf(stderr, "pyalexnet emulator: cannot reserve fiber stacks\n");
+        // One PROT_NONE page below the lowest stack: nothing else lies where the first fiber would overflow to.
+        void* p = mmap(nullptr, kPage + kMaxThreadsPerBlock * kStackBytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        const size_t dynamic_bytes = (kMaxDynamicShared + kPage - 1) / kPage * kPage;
+        void* d = mmap(nullptr, dynamic_bytes + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED || d == MAP_FAILED) {
+            std::fprintf(stderr, "pyalexnet emulator: cannot map fiber stacks or shared memory\n");
             std::abort();
         }
-        stacks = static_cast<unsigned char*>(p);
+        if (p != MAP_FAILED) mprotect(p, kPage, PROT_NONE);
+        stacks = static_cast<unsigned char*>(p) + kPage;
+        for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i) write_canary(int(i));
+        dynamic_region = static_cast<unsigned char*>(d);
+        dynamic_guard = dynamic_region + dynamic_bytes;
+        if (mprotect(dynamic_guard, kPage, PROT_NONE) != 0) {
+            std::fprintf(stderr, "pyalexnet emulator: cannot protect the shared-memory guard page\n");
+            std::abort();
+        }
         // A warp has at most 32 collectives open (each holds a lane that has not read its result yet), so
         // this never reallocates under the Group* that waiting fibers hold.
         for (auto& warp : groups) warp.reserve(32);
-        for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i) mprotect(stacks + i * (kStackBytes + kGuardBytes), kGuardBytes, PROT_NONE);
     }
-    unsigned char* stack_base(int i) { return stacks + size_t(i) * (kStackBytes + kGuardBytes) + kGuardBytes; }
+    unsigned char* stack_base(int i) { return stacks + size_t(i) * kStackBytes; }
+    void write_canary(int i) {
+        auto* c = reinterpret_cast<uint64_t*>(stack_base(i));
+        for (int j = 0; j < kCanaryWords; ++j) c[j] = kCanary;
+    }
+    bool canary_intact(int i) {
+        const auto* c = reinterpret_cast<const uint64_t*>(stack_base(i));
+        for (int j = 0; j < kCanaryWords; ++j)
+            if (c[j] != kCanary) return false;
+        return true;
+    }
 };
 
 __thread Worker* t_worker = nullptr;
@@ -156,11 +190,16 @@ void record_error(Worker& w, const std::string& msg) {
 std::string thread_at(const Fiber& f) { return "thread " + fmt_idx(f.idx); }
 
 // ---- context switching ---------------------------------------------------------------------------------
+void lane_exited(Worker& w, Fiber& f);
+
 void run_thread_body(Fiber* f) {
     try {
         (*t_worker->body)();
+        lane_exited(*t_worker, *f);
     } catch (const std::exception& e) {
         record_error(*t_worker, e.what());
+    } catch (...) {
+        record_error(*t_worker, thread_at(*f) + ": an exception not derived from std::exception");
     }
     f->state = State::Done;
 }
@@ -262,16 +301,23 @@ void resolve_stall(Worker& w) {
     for (int i = 0; i < n; ++i) w.fibers[i].state = State::Runnable;
 }
 
-void run_block(Worker& w, const LaunchInfo& info, long long linear_block) {
+void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<size_t, size_t>>& static_shared,
+               long long linear_block) {
     const dim3 g = info.grid, b = info.block;
     t_block_idx = {unsigned(linear_block % g.x), unsigned(linear_block / g.x % g.y), unsigned(linear_block / (g.x * 1ull * g.y))};
     t_block_dim = b;
     t_grid_dim = g;
-    t_dynamic_shared = w.dynamic_shared;
-    // Shared memory is not initialised on the GPU: poison it (every float reads as NaN) so a kernel that
-    // reads before writing gets garbage here too.
-    if (info.dynamic_shared) std::memset(w.dynamic_shared, 0xff, info.dynamic_shared);
+    // Shared memory is not initialised on the GPU: poison it (every float reads as NaN), static and dynamic,
+    // so a kernel that reads before writing gets garbage here too, not zeros or the previous block's data.
+    t_dynamic_shared = w.dynamic_guard - (info.dynamic_shared + 15) / 16 * 16;
+    std::memset(t_dynamic_shared, 0xff, w.dynamic_guard - t_dynamic_shared);
+    if (w.tls_block)
+        for (const auto& [offset, bytes] : static_shared) std::memset(w.tls_block + offset, 0xff, bytes);
     w.nthreads = int(b.x * b.y * b.z);
+    for (int warp = 0; warp < int(kMaxThreadsPerBlock / 32); ++warp) {
+        const int lanes = std::clamp(w.nthreads - warp * 32, 0, 32);
+        w.exited[warp] = lanes == 32 ? 0u : ~((1u << lanes) - 1u);
+    }
     for (int i = 0; i < w.nthreads; ++i) {
         Fiber& f = w.fibers[i];
         f.idx = {unsigned(i) % b.x, unsigned(i) / b.x % b.y, unsigned(i) / (b.x * b.y)};
@@ -292,6 +338,11 @@ void run_block(Worker& w, const LaunchInfo& info, long long linear_block) {
             t_fiber = &f;
             t_thread_idx = &f.idx;
             resume(w, f);
+            if (!w.canary_intact(i)) {
+                w.write_canary(i);
+                record_error(w, thread_at(f) + " overflowed its " + std::to_string(kStackBytes / 1024) +
+                                    " KB emulator stack (large local arrays? deep recursion?)");
+            }
             if (!w.error.empty()) return;
         }
         if (!ran) {
@@ -308,6 +359,7 @@ void run_block(Worker& w, const LaunchInfo& info, long long linear_block) {
 struct Job {
     const LaunchInfo* info = nullptr;
     const std::function<void()>* body = nullptr;
+    const std::vector<std::pair<size_t, size_t>>* static_shared = nullptr;  // (TLS offset, bytes) to poison
     long long nblocks = 0;
     std::atomic<long long> next{0};
     std::atomic<bool> failed{false};
@@ -317,16 +369,11 @@ struct Job {
 
 void work_on(Worker& w, Job& job) {
     w.body = job.body;
-    if (job.info->dynamic_shared > w.dynamic_capacity) {
-        std::free(w.dynamic_shared);
-        w.dynamic_capacity = (job.info->dynamic_shared + 4095) / 4096 * 4096;
-        w.dynamic_shared = static_cast<unsigned char*>(std::aligned_alloc(128, w.dynamic_capacity));
-    }
     for (;;) {
         if (job.failed.load(std::memory_order_relaxed)) return;
         const long long blk = job.next.fetch_add(1, std::memory_order_relaxed);
         if (blk >= job.nblocks) return;
-        run_block(w, *job.info, blk);
+        run_block(w, *job.info, *job.static_shared, blk);
         if (!w.error.empty()) {
             std::lock_guard<std::mutex> lk(job.error_mutex);
             if (!job.failed.load()) {
@@ -337,6 +384,8 @@ void work_on(Worker& w, Job& job) {
         }
     }
 }
+
+unsigned char* module_tls_block();
 
 // Created once and never destroyed: destroying a condition variable that workers wait on at exit hangs.
 class Pool {
@@ -360,7 +409,8 @@ public:
 private:
     void loop() {
         Worker w;
-        t_worker = &w;
+        t_worker = &w;  // also makes sure this thread's TLS block for the module exists before we look for it
+        w.tls_block = module_tls_block();
         unsigned long long seen = 0;
         for (;;) {
             Job* job;
@@ -391,6 +441,9 @@ int configured_workers() {
         if (end != s && *end == '\0' && v >= 1 && v <= 1024) return int(v);
         throw pa::KernelError("PYALEXNET_EMU_WORKERS must be an integer in [1, 1024], got '" + std::string(s) + "'");
     }
+    // The CPUs this process may run on (a container's limit), not every CPU of the machine.
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
     const unsigned hw = std::thread::hardware_concurrency();
     return hw ? int(hw) : 1;
 }
@@ -425,7 +478,7 @@ std::map<const void*, size_t>& optins() {
 // on the CUDA build.
 struct SymbolTable {
     std::map<uintptr_t, std::string> functions;  // offset in the module -> mangled name
-    std::map<std::string, size_t> tls_objects;   // mangled name -> size
+    std::map<std::string, std::pair<size_t, size_t>> tls_objects;  // mangled name -> (TLS offset, size)
     bool loaded = false;
 };
 
@@ -449,20 +502,26 @@ SymbolTable read_symbols(const char* path) {
             const char* name = image.data() + strtab.sh_offset + syms[j].st_name;
             const int type = ELF64_ST_TYPE(syms[j].st_info);
             if (type == STT_FUNC && syms[j].st_value) table.functions[syms[j].st_value] = name;
-            if (type == STT_TLS) table.tls_objects[name] = syms[j].st_size;
+            if (type == STT_TLS) table.tls_objects[name] = {syms[j].st_value, syms[j].st_size};
         }
         table.loaded = true;
     }
     return table;
 }
 
-long long static_shared_bytes(const void* kernel) {
+struct StaticShared {
+    long long bytes = -1;                              // -1: unknown (no symbol table)
+    std::vector<std::pair<size_t, size_t>> objects;    // (TLS offset, size) of each __shared__ variable
+};
+
+// The kernel's static shared memory, measured once and cached (map nodes never move, so the reference stays valid).
+const StaticShared& static_shared(const void* kernel) {
     static std::mutex* m = new std::mutex;
-    static auto* cache = new std::map<const void*, long long>;
+    static auto* cache = new std::map<const void*, StaticShared>;
     static auto* tables = new std::map<std::string, SymbolTable>;
     std::lock_guard<std::mutex> lk(*m);
     if (auto it = cache->find(kernel); it != cache->end()) return it->second;
-    long long bytes = -1;
+    StaticShared found;
     Dl_info info;
     if (dladdr(kernel, &info) && info.dli_fname) {
         auto t = tables->find(info.dli_fname);
@@ -472,21 +531,41 @@ long long static_shared_bytes(const void* kernel) {
         auto fn = table.functions.find(offset);
         if (table.loaded && fn != table.functions.end() && fn->second.rfind("_Z", 0) == 0) {
             const std::string prefix = "_ZZ" + fn->second.substr(2) + "E";
-            bytes = 0;
+            found.bytes = 0;
             for (auto it = table.tls_objects.lower_bound(prefix);
-                 it != table.tls_objects.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it)
-                bytes += (long long)it->second;
+                 it != table.tls_objects.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it) {
+                found.bytes += (long long)it->second.second;
+                found.objects.push_back(it->second);
+            }
         }
     }
-    (*cache)[kernel] = bytes;
-    return bytes;
+    return cache->emplace(kernel, std::move(found)).first->second;
+}
+
+// This thread's instance of our module's TLS segment, where the static __shared__ variables live.
+unsigned char* module_tls_block() {
+    Dl_info self;
+    if (!dladdr(reinterpret_cast<void*>(&module_tls_block), &self)) return nullptr;
+    struct Search {
+        void* base;
+        unsigned char* tls;
+    } search{self.dli_fbase, nullptr};
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void* data) {
+            auto* want = static_cast<Search*>(data);
+            if (reinterpret_cast<void*>(info->dlpi_addr) != want->base) return 0;
+            want->tls = static_cast<unsigned char*>(info->dlpi_tls_data);
+            return 1;
+        },
+        &search);
+    return search.tls;
 }
 
 }  // namespace
 
 int worker_count() { return pool().size(); }
 
-long long kernel_static_shared_bytes(const void* kernel) { return static_shared_bytes(kernel); }
+long long kernel_static_shared_bytes(const void* kernel) { return static_shared(kernel).bytes; }
 
 void set_max_dynamic_shared(const void* kernel, size_t bytes) {
     if (bytes > kMaxDynamicShared)
@@ -512,8 +591,10 @@ namespace {
                           " (lane " + std::to_string(f.linear % 32) + "): " + what);
 }
 
-// The lane each participant reads, by CUDA's rules for `width`; -1 for "its own value".
+// The lane each participant reads, by CUDA's rules for `width`; -1 for "its own value". Like shfl.sync, only
+// the low 5 bits of srcLane / delta / laneMask count.
 int source_lane(Collective kind, int lane, int arg, int width) {
+    arg &= 31;
     const int segment = lane & ~(width - 1);
     switch (kind) {
         case Collective::ShflIdx: return segment + (arg & (width - 1));
@@ -527,34 +608,50 @@ int source_lane(Collective kind, int lane, int arg, int width) {
     }
 }
 
+// Every lane of the mask has arrived or exited: compute each arrived lane's result and wake it.
 void complete(Worker& w, Group& g, int warp) {
-    const bool vote = g.kind == Collective::Ballot || g.kind == Collective::Any || g.kind == Collective::All;
+    g.complete = true;
+    g.readers = __builtin_popcount(g.arrived);
     unsigned ballot = 0;
-    if (vote)
-        for (int lane = 0; lane < 32; ++lane)
-            if ((g.mask >> lane & 1u) && g.value[lane]) ballot |= 1u << lane;
+    for (int lane = 0; lane < 32; ++lane)
+        if ((g.arrived >> lane & 1u) && g.value[lane]) ballot |= 1u << lane;
     for (int lane = 0; lane < 32; ++lane) {
-        if (!(g.mask >> lane & 1u)) continue;
+        if (!(g.arrived >> lane & 1u)) continue;
         const Fiber& reader = w.fibers[warp * 32 + lane];
         switch (g.kind) {
             case Collective::SyncWarp: g.out[lane] = 0; break;
             case Collective::Ballot: g.out[lane] = ballot; break;
             case Collective::Any: g.out[lane] = ballot != 0; break;
-            case Collective::All: g.out[lane] = ballot == g.mask; break;
+            case Collective::All: g.out[lane] = ballot == g.arrived; break;
             default: {
                 const int src = source_lane(g.kind, lane, g.arg[lane], g.width);
                 if (src >= 0 && !(g.mask >> src & 1u))
                     collective_error(reader, g.kind, g.file, g.line,
                                      "reads lane " + std::to_string(src) + ", which is not in the mask " + fmt_hex(g.mask) +
                                          " (an inactive lane: the value is undefined on the GPU)");
+                if (src >= 0 && !(g.arrived >> src & 1u))
+                    collective_error(reader, g.kind, g.file, g.line,
+                                     "reads lane " + std::to_string(src) + ", which has exited (or does not exist): "
+                                     "the value is undefined on the GPU");
                 g.out[lane] = src >= 0 ? g.value[src] : g.value[lane];
             }
         }
     }
     for (int lane = 0; lane < 32; ++lane) {
         Fiber& f = w.fibers[warp * 32 + lane];
-        if ((g.mask >> lane & 1u) && f.state == State::InCollective && f.group == &g) f.state = State::Runnable;
+        if ((g.arrived >> lane & 1u) && f.state == State::InCollective && f.group == &g) f.state = State::Runnable;
     }
+}
+
+bool ready(const Group& g, unsigned exited) { return (g.mask & ~(g.arrived | exited)) == 0; }
+
+// A lane that exits no longer holds back the collectives of its warp (shfl.sync and bar.warp.sync wait only
+// for non-exited lanes): complete those it was the last one missing from.
+void lane_exited(Worker& w, Fiber& f) {
+    const int lane = f.linear % 32, warp = f.linear / 32;
+    w.exited[warp] |= 1u << lane;
+    for (Group& g : w.groups[warp])
+        if (g.in_use && !g.complete && (g.mask >> lane & 1u) && ready(g, w.exited[warp])) complete(w, g, warp);
 }
 
 }  // namespace
@@ -567,14 +664,11 @@ uint64_t warp_collective(Collective kind, const char* file, int line, unsigned m
         collective_error(f, kind, file, line, "width " + std::to_string(width) + " is not a power of two in [1, 32]");
     if (!(mask >> lane & 1u))
         collective_error(f, kind, file, line, "the mask " + fmt_hex(mask) + " does not include the calling lane");
-    const int lanes_in_warp = std::min(32, w.nthreads - warp * 32);
-    if (lanes_in_warp < 32 && (mask >> lanes_in_warp))
-        collective_error(f, kind, file, line, "the mask " + fmt_hex(mask) + " names lanes beyond the block's last thread");
 
     std::vector<Group>& groups = w.groups[warp];
     Group* g = nullptr;
     for (Group& cand : groups) {
-        if (!cand.in_use || cand.arrived == cand.mask || !(cand.mask & mask)) continue;
+        if (!cand.in_use || cand.complete || !(cand.mask & mask)) continue;
         if (cand.mask != mask)
             collective_error(f, kind, file, line,
                              "called with mask " + fmt_hex(mask) + " while lanes " + fmt_hex(cand.arrived) + " wait in " +
@@ -597,10 +691,10 @@ uint64_t warp_collective(Collective kind, const char* file, int line, unsigned m
             }
         if (!g) g = &groups.emplace_back();
         g->in_use = true;
+        g->complete = false;
         g->kind = kind;
         g->mask = mask;
         g->arrived = 0;
-        g->readers = __builtin_popcount(mask);
         g->file = file;
         g->line = line;
         g->width = width;
@@ -611,7 +705,7 @@ uint64_t warp_collective(Collective kind, const char* file, int line, unsigned m
     g->value[lane] = value;
     g->arg[lane] = arg;
     g->arrived |= 1u << lane;
-    if (g->arrived == g->mask) {
+    if (ready(*g, w.exited[warp])) {
         complete(w, *g, warp);
     } else {
         f.state = State::InCollective;
@@ -647,7 +741,8 @@ void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_b
         throw pa::KernelError(where + ": requests " + std::to_string(info.dynamic_shared) +
                               " bytes of dynamic shared memory but the kernel may use " + std::to_string(allowed) +
                               " (opt in with pa::set_max_dynamic_shared, at most " + std::to_string(kMaxDynamicShared) + ")");
-    const long long static_bytes = static_shared_bytes(info.kernel);
+    const StaticShared& shared = static_shared(info.kernel);
+    const long long static_bytes = shared.bytes;
     if (static_bytes > (long long)kMaxStaticShared)
         throw pa::KernelError(where + ": declares " + std::to_string(static_bytes) +
                               " bytes of static __shared__ memory; a kernel may declare at most " +
@@ -659,6 +754,7 @@ void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_b
     Job job;
     job.info = &info;
     job.body = &thread_body;
+    job.static_shared = &shared.objects;
     job.nblocks = (long long)g.x * g.y * g.z;
     pool().run(job);
     if (job.failed) throw pa::KernelError(where + ", " + job.error);
