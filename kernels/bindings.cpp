@@ -267,6 +267,78 @@ void sgd_update(py::handle w, py::handle dw, py::handle v, float lr, float momen
     pa::sgd_update(f32(aw), f32(adw), f32(av), aw.size, lr, momentum, weight_decay, stream_arg(stream));
 }
 
+// The convolution's geometry, checked: returns the output shape (N, K, P, Q).
+struct ConvArgs {
+    int N, C, H, W, K, R, S;
+    std::vector<int64_t> out_shape;
+};
+
+ConvArgs conv_args(const Array& x, const Array& w, int stride, int padding, int groups) {
+    if (x.shape.size() != 4) throw py::value_error("x: expected NCHW (4 dimensions), got shape " + shape_str(x.shape));
+    if (w.shape.size() != 4)
+        throw py::value_error("w: expected (out_channels, in_channels / groups, kh, kw), got shape " + shape_str(w.shape));
+    if (stride < 1) throw py::value_error("stride: expected >= 1, got " + std::to_string(stride));
+    if (padding < 0) throw py::value_error("padding: expected >= 0, got " + std::to_string(padding));
+    if (groups < 1) throw py::value_error("groups: expected >= 1, got " + std::to_string(groups));
+    ConvArgs a{int_dim(x.shape[0], "batch"), int_dim(x.shape[1], "channels"), int_dim(x.shape[2], "height"),
+               int_dim(x.shape[3], "width"), int_dim(w.shape[0], "out_channels"), int_dim(w.shape[2], "kernel height"),
+               int_dim(w.shape[3], "kernel width"), {}};
+    if (a.C % groups || a.K % groups)
+        throw py::value_error("groups: " + std::to_string(a.C) + " input and " + std::to_string(a.K) +
+                              " output channels must both divide into " + std::to_string(groups) + " groups");
+    if (w.shape[1] != a.C / groups)
+        throw py::value_error("w: expected " + std::to_string(a.C / groups) + " input channels per filter (" +
+                              std::to_string(a.C) + " / groups " + std::to_string(groups) + "), got shape " +
+                              shape_str(w.shape));
+    if (a.R < 1 || a.S < 1) throw py::value_error("w: empty kernel " + shape_str(w.shape));
+    if (int64_t(a.H) + 2 * padding < a.R || int64_t(a.W) + 2 * padding < a.S)
+        throw py::value_error("w: a " + std::to_string(a.R) + "x" + std::to_string(a.S) + " kernel is larger than the " +
+                              std::to_string(a.H + 2 * padding) + "x" + std::to_string(a.W + 2 * padding) +
+                              " padded input");
+    a.out_shape = {a.N, a.K, (int64_t(a.H) + 2 * padding - a.R) / stride + 1,
+                   (int64_t(a.W) + 2 * padding - a.S) / stride + 1};
+    // conv.cu indexes with 32-bit ints: every tensor must have fewer elements than that.
+    int_dim(x.size, "x's element count");
+    int_dim(w.size, "w's element count");
+    int_dim(a.out_shape[0] * a.out_shape[1] * a.out_shape[2] * a.out_shape[3], "the output's element count");
+    return a;
+}
+
+void conv_forward(py::handle x, py::handle w, py::object b, py::handle y, int stride, int padding, int groups,
+                  uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), aw = array_arg(w, "w", "f4", false),
+                ay = array_arg(y, "y", "f4", true);
+    const ConvArgs c = conv_args(ax, aw, stride, padding, groups);
+    expect_shape(ay, "y", c.out_shape);
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}, {aw, "w"}});
+    const float* pb = nullptr;
+    if (!b.is_none()) {
+        const Array ab = array_arg(b, "b", "f4", false);
+        expect_shape(ab, "b", {c.K});
+        expect_disjoint({{ay, "y"}}, {{ab, "b"}});
+        pb = f32(ab);
+    }
+    py::gil_scoped_release nogil;
+    pa::conv_forward(f32(ax), f32(aw), pb, f32(ay), c.N, c.C, c.H, c.W, c.K, c.R, c.S, stride, padding, groups,
+                     stream_arg(stream));
+}
+
+void conv_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py::handle dw, py::handle db, int stride,
+                   int padding, int groups, uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
+                aw = array_arg(w, "w", "f4", false), adx = array_arg(dx, "dx", "f4", true),
+                adw = array_arg(dw, "dw", "f4", true), adb = array_arg(db, "db", "f4", true);
+    const ConvArgs c = conv_args(ax, aw, stride, padding, groups);
+    expect_shape(ady, "dy", c.out_shape);
+    expect_shape(adx, "dx", ax.shape);
+    expect_shape(adw, "dw", aw.shape);
+    expect_shape(adb, "db", {c.K});
+    expect_disjoint({{adx, "dx"}, {adw, "dw"}, {adb, "db"}}, {{ady, "dy"}, {ax, "x"}, {aw, "w"}});
+    py::gil_scoped_release nogil;
+    pa::conv_backward(f32(ady), f32(ax), f32(aw), f32(adx), f32(adw), f32(adb), c.N, c.C, c.H, c.W, c.K, c.R, c.S,
+                      stride, padding, groups, stream_arg(stream));
+}
+
 // (N, C, H, W) -> (N, C, H * W) as the kernels index it.
 void expect_nchw(const Array& a, const char* name) {
     if (a.shape.size() != 4)
@@ -486,6 +558,11 @@ PYBIND11_MODULE(PA_MODULE, m) {
           py::arg("result"), s, "Per-row softmax cross-entropy and dlogits; result = [mean loss, bad labels].");
     m.def("sgd_update", &sgd_update, py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"), py::arg("momentum"),
           py::arg("weight_decay"), s, "v = momentum v - weight_decay lr w - lr dw; w += v (in place).");
+    m.def("conv_forward", &conv_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("stride"),
+          py::arg("padding"), py::arg("groups"), s, "y = conv2d(x, w) + b (cross-correlation, zero padding, groups).");
+    m.def("conv_backward", &conv_backward, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("dx"), py::arg("dw"),
+          py::arg("db"), py::arg("stride"), py::arg("padding"), py::arg("groups"), s,
+          "dx, dw, db of conv_forward (all overwritten; deterministic).");
     m.def("lrn_forward", &lrn_forward, py::arg("x"), py::arg("y"), py::arg("size"), py::arg("alpha"), py::arg("beta"),
           py::arg("k"), s, "y = x / (k + alpha sum_window x^2)^beta across channels (alpha not divided by size).");
     m.def("lrn_backward", &lrn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("dx"), py::arg("size"),

@@ -37,6 +37,13 @@ void softmax_xent(const float* logits, const void* labels, bool labels_int64, fl
 void sgd_update(float* w, const float* dw, float* v, int64_t n, float lr, float momentum, float weight_decay,
                 Stream stream);
 
+// conv.cu: x (N, C, H, W), w (K, C/groups, R, S), b (K,) or null, y (N, K, P, Q) with
+// P = (H + 2 pad - R) / stride + 1; backward overwrites dx (like x), dw (like w), db (K,).
+void conv_forward(const float* x, const float* w, const float* b, float* y, int N, int C, int H, int W, int K, int R,
+                  int S, int stride, int pad, int groups, Stream stream);
+void conv_backward(const float* dy, const float* x, const float* w, float* dx, float* dw, float* db, int N, int C,
+                   int H, int W, int K, int R, int S, int stride, int pad, int groups, Stream stream);
+
 // lrn.cu: across channels, the paper's formula (alpha NOT divided by size); x, y, dy, dx are
 // (batch, C, plane) with plane = H * W; size is odd.
 void lrn_forward(const float* x, float* y, int64_t batch, int C, int64_t plane, int size, float alpha, float beta,

@@ -15,6 +15,10 @@ import numpy as np
 from . import _backend
 
 
+class DTypeError(TypeError, ValueError):
+    """An array of the wrong dtype: a TypeError, and a ValueError too, for callers that catch either."""
+
+
 def _describe(a) -> str:
     t = type(a)
     return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
@@ -65,7 +69,7 @@ def array(a, name: str, *, dtype=np.float32, ndim: int | None = None):
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
     if a.dtype not in [np.dtype(d) for d in dtypes]:
         expected = " or ".join(np.dtype(d).name for d in dtypes)
-        raise TypeError(f"{name}: expected dtype {expected}, got {a.dtype}")
+        raise DTypeError(f"{name}: expected dtype {expected}, got {a.dtype}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(a.shape)}")
     if not getattr(a.flags, "aligned", True):  # NumPy can view a buffer at any byte offset; a GPU cannot load that
@@ -129,4 +133,12 @@ def seed(value, name: str = "seed") -> int:
         raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
     if not 0 <= value < 2**64:
         raise ValueError(f"{name}: expected an integer in [0, 2**64), got {value!r}")
+    return int(value)
+
+
+def nonnegative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
+    if value < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     return int(value)

@@ -47,6 +47,55 @@ def relu_backward(dy, y):
     return dx
 
 
+def _conv_args(x, w, stride, padding, groups):
+    """Checks a convolution's arrays and geometry; returns (x, w, stride, padding, groups, output shape)."""
+    stride = check.positive_int(stride, "stride")
+    padding = check.nonnegative_int(padding, "padding")
+    groups = check.positive_int(groups, "groups")
+    x = check.array(x, "x", ndim=4)
+    w = check.array(w, "w", ndim=4)
+    n, c, h, wd = x.shape
+    k, cg, r, s = w.shape
+    if c % groups or k % groups:
+        raise ValueError(f"groups: {c} input and {k} output channels must both divide into {groups} groups")
+    if cg != c // groups:
+        raise ValueError(
+            f"w: expected {c // groups} input channels per filter ({c} / groups {groups}), got shape {tuple(w.shape)}"
+        )
+    if r < 1 or s < 1:
+        raise ValueError(f"w: empty kernel {tuple(w.shape)}")
+    if h + 2 * padding < r or wd + 2 * padding < s:
+        raise ValueError(f"w: a {r}x{s} kernel is larger than the {h + 2 * padding}x{wd + 2 * padding} padded input")
+    out = (n, k, (h + 2 * padding - r) // stride + 1, (wd + 2 * padding - s) // stride + 1)
+    return x, w, stride, padding, groups, out
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1):
+    """y = conv2d(x, w) + b: cross-correlation, zero padding, groups (PyTorch's conv2d).
+
+    x (N, C, H, W), w (K, C / groups, R, S), b (K,) or None; y (N, K, P, Q), P = (H + 2 padding - R) // stride + 1.
+    """
+    x, w, stride, padding, groups, out = _conv_args(x, w, stride, padding, groups)
+    if b is not None:
+        b = check.array(b, "b", ndim=1)
+        check.same_shape(b, "b", (w.shape[0],))
+    y = _empty(out)
+    _call("conv_forward", x, w, b, y, stride, padding, groups)
+    return y
+
+
+def conv2d_backward(dy, x, w, stride=1, padding=0, groups=1):
+    """Gradients of conv2d_forward: returns (dx, dw, db). Deterministic: the same inputs give the same bits."""
+    x, w, stride, padding, groups, out = _conv_args(x, w, stride, padding, groups)
+    dy = check.array(dy, "dy", ndim=4)
+    check.same_shape(dy, "dy", out)
+    dx = _empty(x.shape)
+    dw = _empty(w.shape)
+    db = _empty((w.shape[0],))
+    _call("conv_backward", dy, x, w, dx, dw, db, stride, padding, groups)
+    return dx, dw, db
+
+
 def _linear_shapes(x, w, b=None):
     x = check.array(x, "x", ndim=2)
     w = check.array(w, "w", ndim=2)
