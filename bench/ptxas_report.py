@@ -2,7 +2,8 @@
 
     python bench/ptxas_report.py [--arch sm_90]
 
-Compiles each kernels/*.cu to a cubin for one architecture and prints a table; exits 1 if any kernel spills.
+Compiles each kernels/*.cu to a cubin for one architecture (or, with --arch all, each default architecture of
+the build) and prints a table; exits 1 if any kernel spills.
 tests/test_ptxas.py runs the same check, so a spill fails CI (the build also fails: -Xptxas -warn-spills,-Werror).
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
+DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # CMakeLists.txt's machine-code targets
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -65,9 +67,10 @@ def report(arch: str = "sm_90") -> list[dict]:
     nvcc = find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found")
-    sources = sorted(KERNELS.glob("*.cu"))
+    archs = DEFAULT_ARCHS if arch == "all" else (arch,)
+    jobs = [(source, a) for a in archs for source in sorted(KERNELS.glob("*.cu"))]
     with ThreadPoolExecutor() as pool:
-        return [row for rows in pool.map(lambda s: compile_report(s, arch, nvcc), sources) for row in rows]
+        return [row for rows in pool.map(lambda job: compile_report(*job, nvcc), jobs) for row in rows]
 
 
 def main() -> int:
@@ -75,9 +78,9 @@ def main() -> int:
     parser.add_argument("--arch", default="sm_90")
     args = parser.parse_args()
     rows = report(args.arch)
-    print(f"{'file':<18}{'regs':>5}{'smem B':>8}{'stack':>6}{'spill st/ld':>12}  kernel")
+    print(f"{'file':<18}{'arch':<7}{'regs':>5}{'smem B':>8}{'stack':>6}{'spill st/ld':>12}  kernel")
     for r in rows:
-        print(f"{r['file']:<18}{r['registers']:>5}{r['smem']:>8}{r['stack']:>6}"
+        print(f"{r['file']:<18}{r['arch']:<7}{r['registers']:>5}{r['smem']:>8}{r['stack']:>6}"
               f"{r['spill_stores']:>6}/{r['spill_loads']:<5}  {r['kernel']}")
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     print(f"{len(rows)} kernels, {len(spilled)} with spills")

@@ -21,6 +21,17 @@ constexpr int kPoolThreads = 256;
 // Does v take the window's maximum m? (NaN matches NaN.)
 __device__ __forceinline__ bool matches(float v, float m) { return v == m || (v != v && m != m); }
 
+// Is (h, w) the first element of the window at (i0, j0) that matches m, in row-major order? Only the elements
+// before it are scanned.
+__device__ __forceinline__ bool first_match(const float* xs, int W, int i0, int j0, int size, int h, int w, float m) {
+    for (int i = i0; i < h; ++i)
+        for (int j = j0; j < j0 + size; ++j)
+            if (matches(xs[int64_t(i) * W + j], m)) return false;
+    for (int j = j0; j < w; ++j)
+        if (matches(xs[int64_t(h) * W + j], m)) return false;
+    return true;
+}
+
 __global__ void __launch_bounds__(kPoolThreads)
     maxpool_forward_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t outputs, int H, int W, int P,
                            int Q, int size, int stride) {
@@ -56,18 +67,7 @@ __global__ void __launch_bounds__(kPoolThreads)
     for (int p = p_lo; p <= p_hi; ++p)
         for (int q = q_lo; q <= q_hi; ++q) {
             const float m = ys[int64_t(p) * Q + q];
-            if (!matches(v, m)) continue;
-            // The argmax is the first match in row-major order: am I before every other match?
-            const int i0 = p * stride, j0 = q * stride;
-            bool first = true;
-            for (int i = i0; i <= h && first; ++i)
-                for (int j = j0; j < j0 + size; ++j) {
-                    if (i == h && j == w) break;
-                    if (matches(xs[int64_t(i) * W + j], m)) {
-                        first = false;
-                        break;
-                    }
-                }
+            const bool first = matches(v, m) && first_match(xs, W, p * stride, q * stride, size, h, w, m);
             if (first) grad += dys[int64_t(p) * Q + q];
         }
     dx[e] = grad;
