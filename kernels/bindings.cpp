@@ -339,6 +339,31 @@ void conv_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py:
                       stride, padding, groups, stream_arg(stream));
 }
 
+void conv_backward_data(py::handle dy, py::handle w, py::handle dx, int stride, int padding, int groups,
+                        uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false), aw = array_arg(w, "w", "f4", false),
+                adx = array_arg(dx, "dx", "f4", true);
+    const ConvArgs c = conv_args(adx, aw, stride, padding, groups);
+    expect_shape(ady, "dy", c.out_shape);
+    expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {aw, "w"}});
+    py::gil_scoped_release nogil;
+    pa::conv_backward_data(f32(ady), f32(aw), f32(adx), c.N, c.C, c.H, c.W, c.K, c.R, c.S, stride, padding, groups,
+                           stream_arg(stream));
+}
+
+void conv_backward_filter(py::handle dy, py::handle x, py::handle dw, py::handle db, int stride, int padding,
+                          int groups, uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
+                adw = array_arg(dw, "dw", "f4", true), adb = array_arg(db, "db", "f4", true);
+    const ConvArgs c = conv_args(ax, adw, stride, padding, groups);
+    expect_shape(ady, "dy", c.out_shape);
+    expect_shape(adb, "db", {c.K});
+    expect_disjoint({{adw, "dw"}, {adb, "db"}}, {{ady, "dy"}, {ax, "x"}});
+    py::gil_scoped_release nogil;
+    pa::conv_backward_filter(f32(ady), f32(ax), f32(adw), f32(adb), c.N, c.C, c.H, c.W, c.K, c.R, c.S, stride, padding,
+                             groups, stream_arg(stream));
+}
+
 // (N, C, H, W) -> (N, C, H * W) as the kernels index it.
 void expect_nchw(const Array& a, const char* name) {
     if (a.shape.size() != 4)
@@ -563,6 +588,10 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("conv_backward", &conv_backward, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("dx"), py::arg("dw"),
           py::arg("db"), py::arg("stride"), py::arg("padding"), py::arg("groups"), s,
           "dx, dw, db of conv_forward (all overwritten; deterministic).");
+    m.def("conv_backward_data", &conv_backward_data, py::arg("dy"), py::arg("w"), py::arg("dx"), py::arg("stride"),
+          py::arg("padding"), py::arg("groups"), s, "dx of conv_forward (dx's shape gives x's).");
+    m.def("conv_backward_filter", &conv_backward_filter, py::arg("dy"), py::arg("x"), py::arg("dw"), py::arg("db"),
+          py::arg("stride"), py::arg("padding"), py::arg("groups"), s, "dw and db of conv_forward.");
     m.def("lrn_forward", &lrn_forward, py::arg("x"), py::arg("y"), py::arg("size"), py::arg("alpha"), py::arg("beta"),
           py::arg("k"), s, "y = x / (k + alpha sum_window x^2)^beta across channels (alpha not divided by size).");
     m.def("lrn_backward", &lrn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("dx"), py::arg("size"),

@@ -25,7 +25,8 @@
 // K-loop; per slice only the kk index is decoded.
 //
 // backward_data with fewer than 16 channels per group (conv1) uses a direct kernel instead, see below.
-// Known limits of this first version: gathers are scalar loads (no 16-byte loads), and the GEMM form of
+// Known limits of this first version: the activation gathers are scalar loads (only the forward pass's filter
+// rows are read 16 bytes at a time), and the GEMM form of
 // backward_data multiplies the zero taps of a strided layer (only conv1 is strided in AlexNet, and it takes
 // the direct kernel).
 #include "common.cuh"
@@ -56,7 +57,9 @@ __host__ __device__ inline void conv_gemm_dims(const ConvShape& s, int& M, int& 
 
 // Operands by pass:  forward: a = w, b = x, out = y (+ bias);  backward_data: a = w, b = dy, out = dx;
 // backward_filter: a = dy, b = x, out = dw.
-template <ConvPass PASS>
+// VEC_A (forward only): a thread's four A elements are four consecutive floats of one filter row, fetched as
+// one 16-byte load when rows are 16-byte aligned (w aligned and Cg*R*S a multiple of 4; conv2-5 of AlexNet).
+template <ConvPass PASS, bool VEC_A>
 __global__ void __launch_bounds__(kConvThreads)
     conv_implicit_gemm(ConvShape s, const float* __restrict__ a, const float* __restrict__ b,
                        const float* __restrict__ bias, float* __restrict__ out) {
@@ -115,7 +118,12 @@ __global__ void __launch_bounds__(kConvThreads)
     };
     float a_stage[4], b_stage[4];
     auto fetch_slice = [&](int k0) {
-        for (int j = 0; j < 4; ++j) a_stage[j] = fetch_a(k0 + a_col + j);
+        if (VEC_A && a_ok && k0 + a_col + 3 < K) {
+            const float4 v = *reinterpret_cast<const float4*>(a + (g * Kg + am) * K + k0 + a_col);
+            a_stage[0] = v.x, a_stage[1] = v.y, a_stage[2] = v.z, a_stage[3] = v.w;
+        } else {
+            for (int j = 0; j < 4; ++j) a_stage[j] = fetch_a(k0 + a_col + j);
+        }
         const int kk = k0 + b_row;
         if (kk >= K) {
             for (int j = 0; j < 4; ++j) b_stage[j] = 0.0f;
@@ -248,8 +256,10 @@ void launch_conv(const ConvShape& s, const float* a, const float* b, const float
     const int grid_x = (N + kConvBN - 1) / kConvBN, grid_y = (M + kConvBM - 1) / kConvBM;
     if (grid_y > 65535 || s.groups > 65535)
         throw KernelError("conv: the problem is too large for one launch's grid");
-    PA_LAUNCH((conv_implicit_gemm<PASS>), dim3(unsigned(grid_x), unsigned(grid_y), unsigned(s.groups)), kConvThreads,
-              0, stream, s, a, b, bias, out);
+    const dim3 grid(unsigned(grid_x), unsigned(grid_y), unsigned(s.groups));
+    const bool vec_a = PASS == ConvPass::Forward && aligned16(a) && K % 4 == 0;
+    if (vec_a) PA_LAUNCH((conv_implicit_gemm<PASS, true>), grid, kConvThreads, 0, stream, s, a, b, bias, out);
+    else PA_LAUNCH((conv_implicit_gemm<PASS, false>), grid, kConvThreads, 0, stream, s, a, b, bias, out);
 }
 
 ConvShape make_shape(int N, int C, int H, int W, int K, int R, int S, int stride, int pad, int groups) {
@@ -265,8 +275,8 @@ void conv_forward(const float* x, const float* w, const float* b, float* y, int 
     launch_conv<ConvPass::Forward>(s, w, x, b, y, as_stream(stream));
 }
 
-void conv_backward(const float* dy, const float* x, const float* w, float* dx, float* dw, float* db, int N, int C,
-                   int H, int W, int K, int R, int S, int stride, int pad, int groups, Stream stream) {
+void conv_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H, int W, int K, int R, int S,
+                        int stride, int pad, int groups, Stream stream) {
     const ConvShape s = make_shape(N, C, H, W, K, R, S, stride, pad, groups);
     const cudaStream_t st = as_stream(stream);
     // Below 16 channels per group the GEMM tile would be mostly padding: the direct kernel is cheaper.
@@ -277,8 +287,20 @@ void conv_backward(const float* dy, const float* x, const float* w, float* dx, f
     } else {
         launch_conv<ConvPass::BackwardData>(s, w, dy, nullptr, dx, st);
     }
+}
+
+void conv_backward_filter(const float* dy, const float* x, float* dw, float* db, int N, int C, int H, int W, int K,
+                          int R, int S, int stride, int pad, int groups, Stream stream) {
+    const ConvShape s = make_shape(N, C, H, W, K, R, S, stride, pad, groups);
+    const cudaStream_t st = as_stream(stream);
     launch_conv<ConvPass::BackwardFilter>(s, dy, x, nullptr, dw, st);
     if (K > 0) PA_LAUNCH(conv_bias_backward, unsigned(K), 256, 0, st, dy, db, N, K, s.P * s.Q);
+}
+
+void conv_backward(const float* dy, const float* x, const float* w, float* dx, float* dw, float* db, int N, int C,
+                   int H, int W, int K, int R, int S, int stride, int pad, int groups, Stream stream) {
+    conv_backward_data(dy, w, dx, N, C, H, W, K, R, S, stride, pad, groups, stream);
+    conv_backward_filter(dy, x, dw, db, N, C, H, W, K, R, S, stride, pad, groups, stream);
 }
 
 }  // namespace pa

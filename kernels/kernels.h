@@ -43,6 +43,11 @@ void conv_forward(const float* x, const float* w, const float* b, float* y, int 
                   int S, int stride, int pad, int groups, Stream stream);
 void conv_backward(const float* dy, const float* x, const float* w, float* dx, float* dw, float* db, int N, int C,
                    int H, int W, int K, int R, int S, int stride, int pad, int groups, Stream stream);
+// The two halves of conv_backward, for timing them apart.
+void conv_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H, int W, int K, int R, int S,
+                        int stride, int pad, int groups, Stream stream);
+void conv_backward_filter(const float* dy, const float* x, float* dw, float* db, int N, int C, int H, int W, int K,
+                          int R, int S, int stride, int pad, int groups, Stream stream);
 
 // lrn.cu: across channels, the paper's formula (alpha NOT divided by size); x, y, dy, dx are
 // (batch, C, plane) with plane = H * W; size is odd.

@@ -7,22 +7,11 @@ from conftest import rel_err
 
 import pyalexnet as pa
 from pyalexnet import reference as R
+from pyalexnet.architecture import CONV_LAYERS
 
 TOL = 1e-5
 
-# (name, input C, H, W, filters K, kernel R, stride, padding, groups): DESIGN.md section 1
-ALEXNET_LAYERS = [
-    ("paper conv1", 3, 227, 227, 96, 11, 4, 0, 1),
-    ("paper conv2", 96, 27, 27, 256, 5, 1, 2, 2),
-    ("paper conv3", 256, 13, 13, 384, 3, 1, 1, 1),
-    ("paper conv4", 384, 13, 13, 384, 3, 1, 1, 2),
-    ("paper conv5", 384, 13, 13, 256, 3, 1, 1, 2),
-    ("torchvision conv1", 3, 224, 224, 64, 11, 4, 2, 1),
-    ("torchvision conv2", 64, 27, 27, 192, 5, 1, 2, 1),
-    ("torchvision conv3", 192, 13, 13, 384, 3, 1, 1, 1),
-    ("torchvision conv4", 384, 13, 13, 256, 3, 1, 1, 1),
-    ("torchvision conv5", 256, 13, 13, 256, 3, 1, 1, 1),
-]
+ALEXNET_LAYERS = [(f"{variant} {name}", *rest) for variant, layers in CONV_LAYERS.items() for name, *rest in layers]
 
 
 def _case(rng, n, c, h, w, k, r, s, groups, scale=None):

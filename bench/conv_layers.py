@@ -1,0 +1,147 @@
+"""Every AlexNet convolution (both variants, batch 128): our kernels against cuDNN through PyTorch, fp32.
+
+    python bench/conv_layers.py [--batch 128] [--iters 20] [--json PATH]
+
+For each layer: forward, backward-data and backward-filter (+ bias gradient), timed with CUDA events after
+warm-up, the median of --iters runs; cuDNN on the same inputs with TF32 off (torch.backends.cudnn.allow_tf32 =
+False), so both sides do fp32 SIMT arithmetic. Prints ms, TFLOP/s and ours/cuDNN (a speed ratio: above 1 we are
+faster) and writes bench/results/<date>-<card>-<commit>-conv_layers.json. Without a CUDA device it says it
+cannot measure and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pyalexnet.architecture import CONV_LAYERS
+
+ROOT = Path(__file__).resolve().parents[1]
+ALEXNET_LAYERS = [(f"{variant} {name}", *rest) for variant, layers in CONV_LAYERS.items() for name, *rest in layers]
+
+
+def _timer(cp, iters):
+    def time_ms(fn):
+        for _ in range(3):
+            fn()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(iters):
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop))
+        return float(np.median(times))
+
+    return time_ms
+
+
+def bench_layer(layer, batch, time_ms, torch) -> dict:
+    import cupy as cp
+
+    import pyalexnet as pa
+
+    name, c, h, w, k, r, stride, padding, groups = layer
+    mod = pa._backend.active.module
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal((batch, c, h, w)).astype(np.float32))
+    wt = cp.asarray((rng.standard_normal((k, c // groups, r, r)) * 0.01).astype(np.float32))
+    b = cp.zeros(k, cp.float32)
+    y = pa.ops.conv2d_forward(x, wt, b, stride, padding, groups)
+    dy = cp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+    dx, dw, db = cp.empty_like(x), cp.empty_like(wt), cp.empty_like(b)
+    flops = 2.0 * batch * k * y.shape[2] * y.shape[3] * (c // groups) * r * r
+    stream = pa._backend.active.stream
+    ours = {
+        "forward": lambda: mod.conv_forward(x, wt, b, y, stride, padding, groups, stream=stream()),
+        "backward_data": lambda: mod.conv_backward_data(dy, wt, dx, stride, padding, groups, stream=stream()),
+        "backward_filter": lambda: mod.conv_backward_filter(dy, x, dw, db, stride, padding, groups, stream=stream()),
+    }
+    row = {"layer": name, "shape": [batch, c, h, w], "filters": [k, c // groups, r, r], "stride": stride,
+           "padding": padding, "groups": groups, "gflop": flops / 1e9}
+    for direction, fn in ours.items():
+        ms = time_ms(fn)
+        row[direction] = {"ms": ms, "tflops": flops / ms / 1e9}
+    if torch is not None:
+        tx, tw, tdy = (torch.as_tensor(a, device="cuda") for a in (x, wt, dy))
+        tb = torch.as_tensor(b, device="cuda")
+        conv = torch.nn.functional.conv2d
+        theirs = {
+            "forward": lambda: conv(tx, tw, tb, stride=stride, padding=padding, groups=groups),
+            "backward_data": lambda: torch.nn.grad.conv2d_input(tx.shape, tw, tdy, stride, padding, groups=groups),
+            "backward_filter": lambda: torch.nn.grad.conv2d_weight(tx, tw.shape, tdy, stride, padding, groups=groups),
+        }
+        for direction, fn in theirs.items():
+            ms = time_ms(fn)
+            row[direction]["cudnn_ms"] = ms
+            row[direction]["ratio"] = ms / row[direction]["ms"]
+    return row
+
+
+def run(args) -> dict:
+    import cupy as cp
+
+    try:
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    except ImportError:
+        torch = None
+    time_ms = _timer(cp, args.iters)
+    rows = [bench_layer(layer, args.batch, time_ms, torch) for layer in ALEXNET_LAYERS]
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    return {
+        "bench": "conv_layers",
+        "date": datetime.date.today().isoformat(),
+        "card": props["name"].decode(),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                 check=False).stdout.strip() or "unknown",
+        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "torch": None if torch is None else torch.__version__,
+        "cudnn": None if torch is None else torch.backends.cudnn.version(),
+        "precision": "fp32, TF32 off on both sides",
+        "batch": args.batch,
+        "iters": args.iters,
+        "rows": rows,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
+    args = parser.parse_args()
+    import pyalexnet as pa
+
+    if pa.backend_name() != "cuda":
+        print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; "
+              "run this on a GPU machine")
+        return 0
+    result = run(args)
+    print(f"{result['card']}, batch {args.batch}, {result['precision']}, cuDNN {result['cudnn']}")
+    print(f"{'layer':<20}{'pass':<17}{'ms':>8}{'TFLOP/s':>9}{'cuDNN ms':>10}{'ours/cuDNN':>11}")
+    for r in result["rows"]:
+        for d in ("forward", "backward_data", "backward_filter"):
+            m = r[d]
+            peer = f"{m['cudnn_ms']:>10.3f}{m['ratio']:>10.2f}x" if "cudnn_ms" in m else ""
+            print(f"{r['layer']:<20}{d:<17}{m['ms']:>8.3f}{m['tflops']:>9.2f}{peer}")
+    path = args.json or ROOT / "bench" / "results" / (
+        f"{result['date']}-{result['card'].replace(' ', '_')}-{result['commit']}-conv_layers.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
