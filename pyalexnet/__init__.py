@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, ops, reference
+from .checkpoint import Checkpoint, load, save
+from .model import AlexNet
+from .optim import SGD, Constant, Plateau, StepDecay
 
 __version__ = "0.1.0"
 
@@ -51,4 +54,5 @@ def synchronize() -> None:
     _backend.active.module.synchronize()
 
 
-__all__ = ["KernelError", "asarray", "backend_name", "ops", "reference", "synchronize", "to_numpy"]
+__all__ = ["SGD", "AlexNet", "Checkpoint", "Constant", "KernelError", "Plateau", "StepDecay", "asarray",
+           "backend_name", "load", "ops", "reference", "save", "synchronize", "to_numpy"]

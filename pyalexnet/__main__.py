@@ -62,7 +62,35 @@ def _checks(rng):
         pa.ops.sgd_update(wd, pa.asarray(dw), vd, 0.01)
         return list(zip((wd, vd), ref))
 
-    return [("relu", relu), ("linear (sgemm)", linear), ("softmax_xent", softmax_xent), ("sgd_update", sgd)]
+    def conv():
+        x, w, b = host(2, 48, 13, 13), host(64, 24, 3, 3, scale=0.1), host(64)
+        y = pa.ops.conv2d_forward(pa.asarray(x), pa.asarray(w), pa.asarray(b), 1, 1, 2)
+        dy = host(*y.shape)
+        grads = pa.ops.conv2d_backward(pa.asarray(dy), pa.asarray(x), pa.asarray(w), 1, 1, 2)
+        return [(y, R.conv2d_forward(x, w, b, 1, 1, 2)), *zip(grads, R.conv2d_backward(dy, x, w, 1, 1, 2))]
+
+    def lrn():
+        x, dy = host(2, 96, 13, 13, scale=20.0), host(2, 96, 13, 13)
+        y = pa.ops.lrn_forward(pa.asarray(x))
+        dx = pa.ops.lrn_backward(pa.asarray(dy), pa.asarray(x), y)
+        return [(y, R.lrn_forward(x)), (dx, R.lrn_backward(dy, x))]
+
+    def maxpool():
+        x = host(2, 96, 27, 27)
+        y = pa.ops.maxpool_forward(pa.asarray(x))
+        dy = host(*y.shape)
+        dx = pa.ops.maxpool_backward(pa.asarray(dy), pa.asarray(x), y)
+        return [(y, R.maxpool_forward(x)), (dx, R.maxpool_backward(dy, x))]
+
+    def dropout():
+        x, dy = host(8, 4096), host(8, 4096)
+        y, mask = pa.ops.dropout_forward(pa.asarray(x), 0.5, seed=1)
+        keep = R.dropout_mask(x.shape, 0.5, 1)
+        dx = pa.ops.dropout_backward(pa.asarray(dy), mask)
+        return [(y, R.dropout_forward(x, keep)), (dx, R.dropout_backward(dy, keep))]
+
+    return [("conv", conv), ("relu", relu), ("lrn", lrn), ("maxpool", maxpool), ("dropout", dropout),
+            ("linear (sgemm)", linear), ("softmax_xent", softmax_xent), ("sgd_update", sgd)]
 
 
 def check() -> int:

@@ -246,3 +246,57 @@ def dropout_mask(shape, p, seed):
     counters = np.stack([quads & _M32, quads >> np.uint64(32), zeros, zeros], axis=-1)
     draws = philox4x32_10(counters, (seed & 0xFFFFFFFF, seed >> 32)).reshape(-1)[:n]
     return ((draws >> 8) >= int(np.ceil(p * 2**24))).reshape(shape)
+
+
+# ---- a whole network, from the layer specs of pyalexnet.model.layer_specs -----------------------------------------
+_LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+
+
+def network_forward(specs, params, x, masks=None):
+    """Logits and every layer's input, for float64 parameters `params` (name -> array). `masks`: one boolean
+    array per dropout layer (training), or None (evaluation: dropout is the identity)."""
+    acts, masks = [_f64(x)], list(masks) if masks is not None else None
+    for spec in specs:
+        a, kind = acts[-1], spec[0]
+        if kind == "conv":
+            _, name, _, _, stride, padding, groups, _ = spec
+            a = conv2d_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], stride, padding, groups)
+        elif kind == "relu":
+            a = relu_forward(a)
+        elif kind == "lrn":
+            a = lrn_forward(a, **_LRN)
+        elif kind == "pool":
+            a = maxpool_forward(a, 3, 2)
+        elif kind == "flatten":
+            a = a.reshape(a.shape[0], -1)
+        elif kind == "dropout":
+            a = dropout_forward(a, masks.pop(0), 0.5) if masks is not None else a
+        elif kind == "linear":
+            a = linear_forward(a, params[f"{spec[1]}.weight"], params[f"{spec[1]}.bias"])
+        acts.append(a)
+    return acts[-1], acts
+
+
+def network_backward(specs, params, acts, dlogits, masks=None):
+    """name -> gradient of every parameter, given network_forward's activations and d(loss)/d(logits)."""
+    grads, g, masks = {}, _f64(dlogits), list(masks) if masks is not None else None
+    for i in range(len(specs) - 1, -1, -1):
+        spec, kind, a_in, a_out = specs[i], specs[i][0], acts[i], acts[i + 1]
+        if kind == "conv":
+            _, name, _, _, stride, padding, groups, _ = spec
+            g, grads[f"{name}.weight"], grads[f"{name}.bias"] = conv2d_backward(
+                g, a_in, params[f"{name}.weight"], stride, padding, groups)
+        elif kind == "relu":
+            g = relu_backward(g, a_out)
+        elif kind == "lrn":
+            g = lrn_backward(g, a_in, a_out, **_LRN)
+        elif kind == "pool":
+            g = maxpool_backward(g, a_in, a_out, 3, 2)
+        elif kind == "flatten":
+            g = g.reshape(a_in.shape)
+        elif kind == "dropout":
+            g = dropout_backward(g, masks.pop(), 0.5) if masks is not None else g
+        elif kind == "linear":
+            name = spec[1]
+            g, grads[f"{name}.weight"], grads[f"{name}.bias"] = linear_backward(g, a_in, params[f"{name}.weight"])
+    return grads

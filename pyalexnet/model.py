@@ -1,0 +1,283 @@
+"""AlexNet, both variants, chained from our kernels with nothing hidden.
+
+The network is a list of layer specs (plain data, below). ``forward`` runs them in order and keeps every
+activation that ``backward`` needs; ``backward`` walks them in reverse and overwrites the gradients. All
+activations, gradients and dropout masks live in a workspace allocated on the first step for a batch size and
+reused by every later step, so a training step allocates nothing after the first: the logits ``forward``
+returns, and everything else in the workspace, are overwritten by the next call (copy what you keep).
+
+Dropout draws from our counter-based generator, keyed per call: the j-th dropout layer of the t-th training
+forward uses seed (net seed * 2^32 + 2 t + j) mod 2^64. ``t`` (``dropout_calls``) is part of a checkpoint, so a
+resumed run draws exactly the masks the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _backend
+from . import _checks as check
+from .architecture import CONV_LAYERS
+
+# The paper's hyperparameters for the layers without weights.
+LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+POOL = dict(size=3, stride=2)
+DROPOUT_P = 0.5
+
+# State-dict names. torchvision's are those of torchvision.models.alexnet(); the paper variant names its layers
+# as the paper does (conv1..conv5, fc6..fc8), each with .weight and .bias.
+_NAMES = {
+    "paper": ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"],
+    "torchvision": ["features.0", "features.3", "features.6", "features.8", "features.10", "classifier.1",
+                    "classifier.4", "classifier.6"],
+}
+# The paper's initialisation: biases 1 for conv2, conv4, conv5 and the hidden FC layers, 0 elsewhere.
+_BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+
+
+def layer_specs(variant: str, num_classes: int = 1000, width: float = 1.0) -> list[tuple]:
+    """The network as data: ("conv", name, out, kernel, stride, padding, groups, bias init), ("relu",), ("lrn",),
+    ("pool",), ("flatten",), ("dropout",), ("linear", name, out, bias init). `width` scales every hidden layer's
+    channels and units (1.0 is AlexNet; smaller widths make the small networks the tests use)."""
+    if variant not in CONV_LAYERS:
+        raise ValueError(f"variant: expected 'paper' or 'torchvision', got {variant!r}")
+
+    def scaled(n, multiple=2):
+        return n if width == 1.0 else max(multiple, multiple * round(n * width / multiple))
+
+    names = _NAMES[variant]
+    paper_names = _NAMES["paper"]
+    specs = []
+    for i, (_, _, _, _, out, kernel, stride, padding, groups) in enumerate(CONV_LAYERS[variant]):
+        bias = 1.0 if paper_names[i] in _BIAS_ONE else 0.0
+        specs.append(("conv", names[i], scaled(out), kernel, stride, padding, groups, bias))
+        specs.append(("relu",))
+        if variant == "paper" and i < 2:
+            specs.append(("lrn",))
+        if i in (0, 1, 4):
+            specs.append(("pool",))
+    specs.append(("flatten",))
+    for i, units in ((5, scaled(4096)), (6, scaled(4096))):
+        specs += [("dropout",), ("linear", names[i], units, 1.0), ("relu",)]
+    specs.append(("linear", names[7], num_classes, 0.0))
+    return specs
+
+
+class AlexNet:
+    """AlexNet on the active backend.
+
+    variant: "paper" (227 x 227 input, LRN, two-tower groups) or "torchvision" (224 x 224, no LRN, no groups).
+    num_classes: the last layer's outputs. seed: initialisation and dropout. width, input_size: a smaller
+    network of the same shape (tests use them); the defaults are AlexNet's.
+    """
+
+    def __init__(self, variant: str = "paper", num_classes: int = 1000, seed: int = 0, width: float = 1.0,
+                 input_size: int | None = None):
+        self.variant = variant
+        self.num_classes = check.positive_int(num_classes, "num_classes")
+        self.seed = check.seed(seed)
+        self.width = check.positive_finite(width, "width")
+        self.specs = layer_specs(variant, num_classes, width)
+        self.input_size = check.positive_int(input_size or (227 if variant == "paper" else 224), "input_size")
+        self.shapes = self._infer_shapes()  # each layer's input shape, one image; the last entry is the output
+        self.dropout_calls = 0
+        self._params = self._initial_parameters()
+        xp = _backend.active.xp
+        self._grads = {k: xp.zeros_like(v) for k, v in self._params.items()}
+        self._ws = None  # workspace for one batch size
+        self._ready_for_backward = False
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    def _infer_shapes(self):
+        shape = (3, self.input_size, self.input_size)
+        shapes = [shape]
+        for spec in self.specs:
+            kind = spec[0]
+            if kind == "conv":
+                _, name, out, kernel, stride, padding, groups, _ = spec
+                c, h, w = shape
+                if c % groups or out % groups or h + 2 * padding < kernel or w + 2 * padding < kernel:
+                    raise ValueError(f"input_size {self.input_size} is too small for {name} ({kernel}x{kernel})")
+                shape = (out, (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
+            elif kind == "pool":
+                c, h, w = shape
+                if h < POOL["size"] or w < POOL["size"]:
+                    raise ValueError(f"input_size {self.input_size} is too small: a pooling window does not fit {h}x{w}")
+                shape = (c, (h - POOL["size"]) // POOL["stride"] + 1, (w - POOL["size"]) // POOL["stride"] + 1)
+            elif kind == "flatten":
+                shape = (math.prod(shape),)
+            elif kind == "linear":
+                shape = (spec[2],)
+            shapes.append(shape)
+        return shapes
+
+    def _initial_parameters(self):
+        """The paper's initialisation: weights N(0, 0.01^2), biases 1 or 0 (see layer_specs)."""
+        rng = np.random.default_rng(self.seed)
+        params = {}
+        for spec, shape in zip(self.specs, self.shapes):
+            if spec[0] == "conv":
+                _, name, out, kernel, _, _, groups, bias = spec
+                wshape = (out, shape[0] // groups, kernel, kernel)
+            elif spec[0] == "linear":
+                _, name, out, bias = spec
+                wshape = (out, shape[0])
+            else:
+                continue
+            params[f"{name}.weight"] = (rng.standard_normal(wshape) * 0.01).astype(np.float32)
+            params[f"{name}.bias"] = np.full(out, bias, np.float32)
+        xp = _backend.active.xp
+        return {k: xp.asarray(v) for k, v in params.items()}
+
+    # ---- the parameters ---------------------------------------------------------------------------------------
+    def parameters(self) -> dict:
+        """name -> weight array, on the backend, in layer order. Updating them in place updates the network."""
+        return dict(self._params)
+
+    def gradients(self) -> dict:
+        """name -> gradient of the last backward(), same keys and shapes as parameters()."""
+        return dict(self._grads)
+
+    def state_dict(self) -> dict:
+        """name -> a host NumPy copy of each parameter (torchvision's names for that variant)."""
+        return {k: _to_host(v).copy() for k, v in self._params.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copies every parameter from `state` (NumPy arrays, or anything pyalexnet.to_numpy reads, e.g. the
+        tensors of torchvision's state_dict()). Keys and shapes must match exactly; values become float32."""
+        from . import to_numpy
+
+        missing = [k for k in self._params if k not in state]
+        unexpected = [k for k in state if k not in self._params]
+        if missing or unexpected:
+            raise ValueError(f"state: missing keys {missing}, unexpected keys {unexpected}")
+        host = {}
+        for k, p in self._params.items():
+            v = np.asarray(to_numpy(state[k]))
+            if v.shape != tuple(p.shape):
+                raise ValueError(f"state[{k!r}]: expected shape {tuple(p.shape)}, got {v.shape}")
+            if not np.issubdtype(v.dtype, np.floating):
+                raise TypeError(f"state[{k!r}]: expected floating-point values, got {v.dtype}")
+            host[k] = np.ascontiguousarray(v, dtype=np.float32)
+        for k, v in host.items():  # only once every entry has been checked
+            self._params[k][...] = _backend.active.xp.asarray(v)
+
+    # ---- forward and backward --------------------------------------------------------------------------------
+    def _workspace(self, batch):
+        if self._ws is not None and self._ws["batch"] == batch:
+            return self._ws
+        xp = _backend.active.xp
+        outs, grads, masks = [], [], []
+        for i, spec in enumerate(self.specs):
+            if spec[0] in ("flatten",):
+                outs.append(None)  # a view of the input
+                grads.append(None)
+            else:
+                outs.append(xp.empty((batch, *self.shapes[i + 1]), np.float32))
+                grads.append(xp.empty((batch, *self.shapes[i]), np.float32))
+            n = batch * math.prod(self.shapes[i])
+            masks.append(xp.empty(((n + 31) // 32,), np.uint32) if spec[0] == "dropout" else None)
+        self._ws = {"batch": batch, "outs": outs, "grads": grads, "masks": masks, "acts": [None] * (len(self.specs) + 1)}
+        return self._ws
+
+    def forward(self, x, train: bool = True):
+        """Logits (batch, num_classes) for images x (batch, 3, S, S), S = input_size. Dropout only when `train`.
+
+        The logits are the workspace's: the next forward overwrites them.
+        """
+        x = check.array(x, "x", ndim=4)
+        expect = (3, self.input_size, self.input_size)
+        if tuple(x.shape[1:]) != expect or x.shape[0] < 1:
+            raise ValueError(f"x: expected shape (batch, {', '.join(map(str, expect))}) for the {self.variant} "
+                             f"variant, got {tuple(x.shape)}")
+        be = _backend.active
+        mod, stream = be.module, be.stream()
+        ws = self._workspace(x.shape[0])
+        acts, dropout_index = ws["acts"], 0
+        acts[0] = x
+        for i, spec in enumerate(self.specs):
+            a, out, kind = acts[i], ws["outs"][i], spec[0]
+            if kind == "conv":
+                _, name, _, _, stride, padding, groups, _ = spec
+                mod.conv_forward(a, self._params[f"{name}.weight"], self._params[f"{name}.bias"], out, stride,
+                                 padding, groups, stream=stream)
+            elif kind == "relu":
+                mod.relu_forward(a, out, stream=stream)
+            elif kind == "lrn":
+                mod.lrn_forward(a, out, LRN["size"], LRN["alpha"], LRN["beta"], LRN["k"], stream=stream)
+            elif kind == "pool":
+                mod.maxpool_forward(a, out, POOL["size"], POOL["stride"], stream=stream)
+            elif kind == "flatten":
+                out = a.reshape(a.shape[0], -1)
+            elif kind == "dropout":
+                if train:
+                    seed = (self.seed * 2**32 + 2 * self.dropout_calls + dropout_index) % 2**64
+                    mod.dropout_forward(a, out, ws["masks"][i], DROPOUT_P, seed, stream=stream)
+                else:
+                    out = a
+                dropout_index += 1
+            elif kind == "linear":
+                name = spec[1]
+                mod.linear_forward(a, self._params[f"{name}.weight"], self._params[f"{name}.bias"], out,
+                                   stream=stream)
+            acts[i + 1] = out
+        if train:
+            self.dropout_calls += 1
+        self._trained_last = train
+        self._ready_for_backward = True
+        return acts[-1]
+
+    def backward(self, dlogits) -> None:
+        """Fills gradients() with d(loss)/d(parameter) given d(loss)/d(logits), for the last forward (train or
+        not). Overwrites the previous gradients; does not compute the gradient of the input images."""
+        if not self._ready_for_backward:
+            raise RuntimeError("backward() needs a forward() first")
+        ws = self._ws
+        dlogits = check.array(dlogits, "dlogits", ndim=2)
+        check.same_shape(dlogits, "dlogits", (ws["batch"], self.num_classes))
+        be = _backend.active
+        mod, stream = be.module, be.stream()
+        acts, g = ws["acts"], dlogits
+        for i in range(len(self.specs) - 1, -1, -1):
+            spec, kind = self.specs[i], self.specs[i][0]
+            a_in, a_out, dx = acts[i], acts[i + 1], ws["grads"][i]
+            if kind == "conv":
+                _, name, _, _, stride, padding, groups, _ = spec
+                w = self._params[f"{name}.weight"]
+                mod.conv_backward_filter(g, a_in, self._grads[f"{name}.weight"], self._grads[f"{name}.bias"], stride,
+                                         padding, groups, stream=stream)
+                if i == 0:
+                    break  # nobody needs the gradient of the images
+                mod.conv_backward_data(g, w, dx, stride, padding, groups, stream=stream)
+            elif kind == "relu":
+                mod.relu_backward(g, a_out, dx, stream=stream)
+            elif kind == "lrn":
+                mod.lrn_backward(g, a_in, a_out, dx, LRN["size"], LRN["alpha"], LRN["beta"], LRN["k"], stream=stream)
+            elif kind == "pool":
+                mod.maxpool_backward(g, a_in, a_out, dx, POOL["size"], POOL["stride"], stream=stream)
+            elif kind == "flatten":
+                dx = g.reshape(a_in.shape)
+            elif kind == "dropout":
+                if self._trained_last:
+                    mod.dropout_backward(g, ws["masks"][i], dx, DROPOUT_P, stream=stream)
+                else:
+                    dx = g
+            elif kind == "linear":
+                name = spec[1]
+                mod.linear_backward(g, a_in, self._params[f"{name}.weight"], dx, self._grads[f"{name}.weight"],
+                                    self._grads[f"{name}.bias"], stream=stream)
+            g = dx
+
+    def dropout_masks(self) -> list:
+        """The dropout masks of the last training forward, as host boolean arrays shaped like their inputs."""
+        from .ops import dropout_keep
+
+        ws = self._ws
+        return [dropout_keep(ws["masks"][i], ws["acts"][i].shape) for i, s in enumerate(self.specs)
+                if s[0] == "dropout"]
+
+
+def _to_host(a):
+    return a.get() if _backend.active.name == "cuda" else np.asarray(a)

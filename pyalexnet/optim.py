@@ -1,0 +1,115 @@
+"""The paper's SGD (Krizhevsky et al. 2012, section 5) and its learning-rate schedules.
+
+    v <- momentum * v - weight_decay * lr * w - lr * dL/dw ;  w <- w + v
+
+``step()`` applies it to every parameter (one kernel launch per tensor) with the current ``lr``;
+``end_epoch(validation_error)`` lets the schedule change ``lr``. Schedules are small classes whose whole state
+is plain data (``state()`` / ``from_state``), so a checkpoint restores them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import _backend
+from . import _checks as check
+
+
+class Constant:
+    """lr never changes."""
+
+    def next_lr(self, lr: float, epoch: int, validation_error: float | None) -> float:
+        return lr
+
+    def state(self) -> dict:
+        return {"kind": "constant"}
+
+
+class StepDecay:
+    """lr is multiplied by `factor` every `every` epochs."""
+
+    def __init__(self, every: int, factor: float = 0.1):
+        self.every = check.positive_int(every, "every")
+        self.factor = check.positive_finite(factor, "factor")
+
+    def next_lr(self, lr: float, epoch: int, validation_error: float | None) -> float:
+        return lr * self.factor if epoch % self.every == 0 else lr
+
+    def state(self) -> dict:
+        return {"kind": "step", "every": self.every, "factor": self.factor}
+
+
+class Plateau:
+    """The paper's schedule: divide lr by 10 when the validation error stops improving (no new best for
+    `patience` epochs), at most `max_reductions` times (the paper reduced it three times)."""
+
+    def __init__(self, patience: int = 1, factor: float = 0.1, max_reductions: int = 3):
+        self.patience = check.positive_int(patience, "patience")
+        self.factor = check.positive_finite(factor, "factor")
+        self.max_reductions = check.nonnegative_int(max_reductions, "max_reductions")
+        self.best = math.inf
+        self.bad_epochs = 0
+        self.reductions = 0
+
+    def next_lr(self, lr: float, epoch: int, validation_error: float | None) -> float:
+        if validation_error is None:
+            raise ValueError("validation_error: the plateau schedule needs each epoch's validation error")
+        if validation_error < self.best:
+            self.best, self.bad_epochs = float(validation_error), 0
+            return lr
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience and self.reductions < self.max_reductions:
+            self.bad_epochs = 0
+            self.reductions += 1
+            return lr * self.factor
+        return lr
+
+    def state(self) -> dict:
+        return {"kind": "plateau", "patience": self.patience, "factor": self.factor,
+                "max_reductions": self.max_reductions, "best": self.best, "bad_epochs": self.bad_epochs,
+                "reductions": self.reductions}
+
+
+def schedule_from_state(state: dict):
+    kind = state.get("kind")
+    if kind == "constant":
+        return Constant()
+    if kind == "step":
+        return StepDecay(state["every"], state["factor"])
+    if kind == "plateau":
+        s = Plateau(state["patience"], state["factor"], state["max_reductions"])
+        s.best, s.bad_epochs, s.reductions = float(state["best"]), int(state["bad_epochs"]), int(state["reductions"])
+        return s
+    raise ValueError(f"unknown learning-rate schedule {kind!r}")
+
+
+class SGD:
+    """SGD with momentum and weight decay, the paper's rule, over every parameter of `net`."""
+
+    def __init__(self, net, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, schedule=None):
+        self.net = net
+        self.lr = check.positive_finite(lr, "lr")
+        self.momentum = check.unit_interval(momentum, "momentum")
+        self.weight_decay = check.nonnegative_finite(weight_decay, "weight_decay")
+        self.schedule = schedule if schedule is not None else Constant()
+        if not hasattr(self.schedule, "next_lr"):
+            raise TypeError("schedule: expected Constant(), StepDecay(...) or Plateau(...)")
+        xp = _backend.active.xp
+        self.velocity = {k: xp.zeros_like(p) for k, p in net.parameters().items()}
+        self.steps = 0
+        self.epochs = 0
+
+    def step(self) -> None:
+        """One update of every parameter from net.gradients()."""
+        be = _backend.active
+        grads, stream = self.net.gradients(), be.stream()
+        for k, w in self.net.parameters().items():
+            be.module.sgd_update(w, grads[k], self.velocity[k], self.lr, self.momentum, self.weight_decay,
+                                 stream=stream)
+        self.steps += 1
+
+    def end_epoch(self, validation_error: float | None = None) -> float:
+        """Counts an epoch and lets the schedule set the learning rate; returns it."""
+        self.epochs += 1
+        self.lr = check.positive_finite(self.schedule.next_lr(self.lr, self.epochs, validation_error), "lr")
+        return self.lr
