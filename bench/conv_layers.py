@@ -12,35 +12,15 @@ cannot measure and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from harness import cuda_timer, has_gpu, identity, write_result
 
 from pyalexnet.architecture import CONV_LAYERS
 
-ROOT = Path(__file__).resolve().parents[1]
 ALEXNET_LAYERS = [(f"{variant} {name}", *rest) for variant, layers in CONV_LAYERS.items() for name, *rest in layers]
-
-
-def _timer(cp, iters):
-    def time_ms(fn):
-        for _ in range(3):
-            fn()
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(iters):
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop))
-        return float(np.median(times))
-
-    return time_ms
 
 
 def bench_layer(layer, batch, time_ms, torch) -> dict:
@@ -67,7 +47,7 @@ def bench_layer(layer, batch, time_ms, torch) -> dict:
     row = {"layer": name, "shape": [batch, c, h, w], "filters": [k, c // groups, r, r], "stride": stride,
            "padding": padding, "groups": groups, "gflop": flops / 1e9}
     for direction, fn in ours.items():
-        ms = time_ms(fn)
+        ms = time_ms(lambda _, fn=fn: fn())
         row[direction] = {"ms": ms, "tflops": flops / ms / 1e9}
     if torch is not None:
         tx, tw, tdy = (torch.as_tensor(a, device="cuda") for a in (x, wt, dy))
@@ -79,7 +59,7 @@ def bench_layer(layer, batch, time_ms, torch) -> dict:
             "backward_filter": lambda: torch.nn.grad.conv2d_weight(tx, tw.shape, tdy, stride, padding, groups=groups),
         }
         for direction, fn in theirs.items():
-            ms = time_ms(fn)
+            ms = time_ms(lambda _, fn=fn: fn())
             row[direction]["cudnn_ms"] = ms
             row[direction]["ratio"] = ms / row[direction]["ms"]
     return row
@@ -96,23 +76,10 @@ def run(args) -> dict:
         torch.backends.cudnn.benchmark = True
     except ImportError:
         torch = None
-    time_ms = _timer(cp, args.iters)
+    time_ms = cuda_timer(cp, args.iters)
     rows = [bench_layer(layer, args.batch, time_ms, torch) for layer in ALEXNET_LAYERS]
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    return {
-        "bench": "conv_layers",
-        "date": datetime.date.today().isoformat(),
-        "card": props["name"].decode(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                 check=False).stdout.strip() or "unknown",
-        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
-        "torch": None if torch is None else torch.__version__,
-        "cudnn": None if torch is None else torch.backends.cudnn.version(),
-        "precision": "fp32, TF32 off on both sides",
-        "batch": args.batch,
-        "iters": args.iters,
-        "rows": rows,
-    }
+    return {"bench": "conv_layers", **identity(cp, torch), "precision": "fp32, TF32 off on both sides",
+            "batch": args.batch, "iters": args.iters, "rows": rows}
 
 
 def main() -> int:
@@ -121,11 +88,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
     args = parser.parse_args()
-    import pyalexnet as pa
-
-    if pa.backend_name() != "cuda":
-        print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; "
-              "run this on a GPU machine")
+    if not has_gpu():
         return 0
     result = run(args)
     print(f"{result['card']}, batch {args.batch}, {result['precision']}, cuDNN {result['cudnn']}")
@@ -135,10 +98,7 @@ def main() -> int:
             m = r[d]
             peer = f"{m['cudnn_ms']:>10.3f}{m['ratio']:>10.2f}x" if "cudnn_ms" in m else ""
             print(f"{r['layer']:<20}{d:<17}{m['ms']:>8.3f}{m['tflops']:>9.2f}{peer}")
-    path = args.json or ROOT / "bench" / "results" / (
-        f"{result['date']}-{result['card'].replace(' ', '_')}-{result['commit']}-conv_layers.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(result, "conv_layers", args.json)
     print(f"wrote {path}")
     return 0
 

@@ -12,15 +12,11 @@ through autograd). Without a CUDA device it says so and exits 0: the emulator me
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
+from harness import cuda_timer, has_gpu, identity, write_result
 
 # (op, layer, one image's input shape); the paper's hyperparameters (LRN 5/1e-4/0.75/2, pool 3/2, p = 0.5)
 CASES = [
@@ -34,23 +30,6 @@ CASES = [
     ("dropout", "before fc6", (9216,)),
     ("dropout", "before fc7", (4096,)),
 ]
-
-
-def _timer(cp, iters):
-    def time_ms(fn, rotate):
-        for i in range(3):
-            fn(i % rotate)
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for i in range(iters):
-            start.record()
-            fn(i % rotate)
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop))
-        return float(np.median(times))
-
-    return time_ms
 
 
 def copy_bandwidth(cp, time_ms) -> float:
@@ -120,24 +99,12 @@ def run(args) -> dict:
         torch.backends.cudnn.benchmark = True
     except ImportError:
         torch = None
-    time_ms = _timer(cp, args.iters)
+    time_ms = cuda_timer(cp, args.iters)
     peak = copy_bandwidth(cp, time_ms)
     rng = np.random.default_rng(0)
     rows = [bench_case(op, layer, (args.batch, *shape), rng, time_ms, peak, torch) for op, layer, shape in CASES]
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    return {
-        "bench": "memory_ops",
-        "date": datetime.date.today().isoformat(),
-        "card": props["name"].decode(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip() or "unknown",
-        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
-        "torch": None if torch is None else torch.__version__,
-        "batch": args.batch,
-        "iters": args.iters,
-        "copy_GBps": peak,
-        "rows": rows,
-    }
+    return {"bench": "memory_ops", **identity(cp, torch), "batch": args.batch, "iters": args.iters,
+            "copy_GBps": peak, "rows": rows}
 
 
 def main() -> int:
@@ -146,11 +113,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
     args = parser.parse_args()
-    import pyalexnet as pa
-
-    if pa.backend_name() != "cuda":
-        print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; "
-              "run this on a GPU machine")
+    if not has_gpu():
         return 0
     result = run(args)
     print(f"{result['card']}, copy bandwidth {result['copy_GBps']:.0f} GB/s, batch {args.batch}")
@@ -160,10 +123,7 @@ def main() -> int:
             m = r[d]
             torch_ms = f"{m['torch_ms']:>10.3f}{m['speedup']:>10.2f}x" if "torch_ms" in m else ""
             print(f"{r['op']:<9}{r['layer']:<19}{d:<9}{m['ms']:>8.3f}{m['GB/s']:>8.0f}{m['pct_copy']:>7.0f}%{torch_ms}")
-    path = args.json or ROOT / "bench" / "results" / (
-        f"{result['date']}-{result['card'].replace(' ', '_')}-{result['commit']}-memory_ops.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(result, "memory_ops", args.json)
     print(f"wrote {path}")
     return 0
 

@@ -17,10 +17,7 @@
 // divides exactly and lands in [0, P) (else the tap contributes 0). Every output element is computed by one
 // thread from a full K-loop: results overwrite their tensor and are deterministic (no atomics, no split-K).
 //
-// Thread mapping (the SGEMM of gemm.cu, with gathers): a block computes a 64 x 64 tile of C with 256 threads,
-// each owning a 4 x 4 register tile; K is walked in 16-deep slices staged through two shared buffers
-// (As[k][m], Bs[k][n]), the next slice fetched into registers while the current one is multiplied. For
-// staging, thread t fetches A at row t/4, four consecutive kk; and B at kk row t/16, four consecutive columns
+// Thread mapping: the 64 x 64 tile engine of tile.cuh (shared with the SGEMM), fed by gathers. For staging, thread t fetches A at row t/4, four consecutive kk; and B at kk row t/16, four consecutive columns
 // n. What is fixed for a thread across slices (its A row, its four B columns) is decoded once, outside the
 // K-loop; per slice only the kk index is decoded.
 //
@@ -32,6 +29,7 @@
 #include "common.cuh"
 #include "kernels.h"
 #include "reduce.cuh"
+#include "tile.cuh"
 
 namespace pa {
 
@@ -43,7 +41,7 @@ struct ConvShape {
     __host__ __device__ int Kg() const { return K / groups; }
 };
 
-constexpr int kConvBM = 64, kConvBN = 64, kConvBK = 16, kConvThreads = 256;
+constexpr int kConvBK = 16;
 
 // Every tensor has fewer than 2^31 elements (the binding checks), so every GEMM size and every offset fits an
 // int: 32-bit index arithmetic throughout, which keeps the gathers' divisions cheap.
@@ -60,12 +58,11 @@ __host__ __device__ inline void conv_gemm_dims(const ConvShape& s, int& M, int& 
 // VEC_A (forward only): a thread's four A elements are four consecutive floats of one filter row, fetched as
 // one 16-byte load when rows are 16-byte aligned (w aligned and Cg*R*S a multiple of 4; conv2-5 of AlexNet).
 template <ConvPass PASS, bool VEC_A>
-__global__ void __launch_bounds__(kConvThreads)
+__global__ void __launch_bounds__(kTileThreads)
     conv_implicit_gemm(ConvShape s, const float* __restrict__ a, const float* __restrict__ b,
                        const float* __restrict__ bias, float* __restrict__ out) {
-    constexpr int BM = kConvBM, BN = kConvBN, BK = kConvBK, PAD = 4;
-    __shared__ __align__(16) float As[2][BK][BM + PAD];
-    __shared__ __align__(16) float Bs[2][BK][BN + PAD];
+    constexpr int BM = kTileM, BN = kTileN, BK = kConvBK;
+    __shared__ __align__(16) TileBuffers<BK> tiles;
 
     int M, N, K;
     conv_gemm_dims<PASS>(s, M, N, K);
@@ -158,32 +155,13 @@ __global__ void __launch_bounds__(kConvThreads)
     };
     auto store_slice = [&](int buf) {
         for (int j = 0; j < 4; ++j) {
-            As[buf][a_col + j][a_row] = a_stage[j];
-            Bs[buf][b_row][b_col + j] = b_stage[j];
+            tiles.a[buf][a_col + j][a_row] = a_stage[j];
+            tiles.b[buf][b_row][b_col + j] = b_stage[j];
         }
     };
 
-    // ---- the K-loop: as in gemm.cu ----
     float acc[4][4] = {};
-    const int slices = (K + BK - 1) / BK;
-    if (slices > 0) {
-        fetch_slice(0);
-        store_slice(0);
-    }
-    __syncthreads();
-    for (int sl = 0; sl < slices; ++sl) {
-        const int cur = sl & 1;
-        if (sl + 1 < slices) fetch_slice((sl + 1) * BK);
-        for (int k = 0; k < BK; ++k) {
-            const float4 av = *reinterpret_cast<const float4*>(&As[cur][k][ty * 4]);
-            const float4 bv = *reinterpret_cast<const float4*>(&Bs[cur][k][tx * 4]);
-            const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
-            for (int i = 0; i < 4; ++i)
-                for (int j = 0; j < 4; ++j) acc[i][j] += ar[i] * br[j];
-        }
-        if (sl + 1 < slices) store_slice(cur ^ 1);
-        __syncthreads();
-    }
+    tile_k_loop(K, tiles, fetch_slice, store_slice, acc);
 
     // ---- the epilogue: scatter C into the output tensor ----
     for (int i = 0; i < 4; ++i) {
@@ -253,13 +231,13 @@ void launch_conv(const ConvShape& s, const float* a, const float* b, const float
     int M, N, K;
     conv_gemm_dims<PASS>(s, M, N, K);
     if (M <= 0 || N <= 0) return;
-    const int grid_x = (N + kConvBN - 1) / kConvBN, grid_y = (M + kConvBM - 1) / kConvBM;
+    const int grid_x = (N + kTileN - 1) / kTileN, grid_y = (M + kTileM - 1) / kTileM;
     if (grid_y > 65535 || s.groups > 65535)
         throw KernelError("conv: the problem is too large for one launch's grid");
     const dim3 grid(unsigned(grid_x), unsigned(grid_y), unsigned(s.groups));
     const bool vec_a = PASS == ConvPass::Forward && aligned16(a) && K % 4 == 0;
-    if (vec_a) PA_LAUNCH((conv_implicit_gemm<PASS, true>), grid, kConvThreads, 0, stream, s, a, b, bias, out);
-    else PA_LAUNCH((conv_implicit_gemm<PASS, false>), grid, kConvThreads, 0, stream, s, a, b, bias, out);
+    if (vec_a) PA_LAUNCH((conv_implicit_gemm<PASS, true>), grid, kTileThreads, 0, stream, s, a, b, bias, out);
+    else PA_LAUNCH((conv_implicit_gemm<PASS, false>), grid, kTileThreads, 0, stream, s, a, b, bias, out);
 }
 
 ConvShape make_shape(int N, int C, int H, int W, int K, int R, int S, int stride, int pad, int groups) {

@@ -7,31 +7,27 @@
 // y = x w^T (NT), dx = dy w (NN) and dw = dy^T x (TN) without any transpose kernel.
 // beta == 0 never reads C (it may hold garbage, NaN included); bias may be null. C is overwritten.
 //
-// Thread mapping: one block computes a BM x BN tile of C with (BM/TM) x (BN/TN) threads; thread (ty, tx)
-// owns the TM x TN register tile at rows ty*TM.., columns tx*TN... The K dimension is walked in BK-deep
-// slices staged through shared memory, both operands stored k-major (As[k][m], Bs[k][n]) so the inner loop
-// reads TM and TN consecutive floats. Two shared buffers: the next slice is fetched into registers while the
-// current one is multiplied, then stored into the other buffer, so one barrier per slice suffices.
+// Thread mapping: the 64 x 64 tile engine of tile.cuh (256 threads, 4 x 4 per thread, 16-deep K slices
+// double-buffered in shared memory); this file supplies what a thread fetches for each slice.
 // Loads are float4 when VEC (every row start 16-byte aligned) and the four elements are in bounds; tiles
 // that hang over the matrix edge are zero-filled, so any M, N, K works.
 #include "common.cuh"
 #include "kernels.h"
+#include "tile.cuh"
 
 namespace pa {
 
-template <int BM, int BN, int BK, int TM, int TN, bool TRANS_A, bool TRANS_B, bool VEC>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+template <int BK, bool TRANS_A, bool TRANS_B, bool VEC>
+__global__ void __launch_bounds__(kTileThreads)
     sgemm_kernel(int M, int N, int K, float alpha, const float* __restrict__ A, int lda, const float* __restrict__ B,
                  int ldb, float beta, float* __restrict__ C, int ldc, const float* __restrict__ bias) {
-    constexpr int THREADS = (BM / TM) * (BN / TN);
-    constexpr int PAD = 4;  // keeps rows 16-byte aligned and staggers the transposed stores across banks
-    static_assert(BM * BK == 4 * THREADS && BN * BK == 4 * THREADS, "each thread stages one float4 of A and of B");
-    static_assert(TM == 4 && TN == 4, "the inner loop reads one float4 of A and of B per k");
-    __shared__ __align__(16) float As[2][BK][BM + PAD];
-    __shared__ __align__(16) float Bs[2][BK][BN + PAD];
+    constexpr int BM = kTileM, BN = kTileN, TM = 4, TN = 4;
+    static_assert(BM * BK == 4 * kTileThreads && BN * BK == 4 * kTileThreads,
+                  "each thread stages one float4 of A and of B");
+    __shared__ __align__(16) TileBuffers<BK> tiles;
 
     const int tid = threadIdx.x;
-    const int ty = tid / (BN / TN), tx = tid % (BN / TN);
+    const int ty = tid / 16, tx = tid % 16;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 
     // Which four elements this thread stages: (row, col) of the stored matrix, four consecutive along col.
@@ -58,33 +54,15 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     };
     auto store_slice = [&](int buf) {
         for (int j = 0; j < 4; ++j) {
-            if (TRANS_A) As[buf][a_row][a_col + j] = a_stage[j];
-            else As[buf][a_col + j][a_row] = a_stage[j];
-            if (TRANS_B) Bs[buf][b_col + j][b_row] = b_stage[j];
-            else Bs[buf][b_row][b_col + j] = b_stage[j];
+            if (TRANS_A) tiles.a[buf][a_row][a_col + j] = a_stage[j];
+            else tiles.a[buf][a_col + j][a_row] = a_stage[j];
+            if (TRANS_B) tiles.b[buf][b_col + j][b_row] = b_stage[j];
+            else tiles.b[buf][b_row][b_col + j] = b_stage[j];
         }
     };
 
     float acc[TM][TN] = {};
-    const int slices = (K + BK - 1) / BK;
-    if (slices > 0) {
-        fetch_slice(0);
-        store_slice(0);
-    }
-    __syncthreads();
-    for (int s = 0; s < slices; ++s) {
-        const int cur = s & 1;
-        if (s + 1 < slices) fetch_slice((s + 1) * BK);
-        for (int k = 0; k < BK; ++k) {
-            const float4 a = *reinterpret_cast<const float4*>(&As[cur][k][ty * TM]);
-            const float4 b = *reinterpret_cast<const float4*>(&Bs[cur][k][tx * TN]);
-            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
-            for (int i = 0; i < TM; ++i)
-                for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
-        }
-        if (s + 1 < slices) store_slice(cur ^ 1);
-        __syncthreads();
-    }
+    tile_k_loop(K, tiles, fetch_slice, store_slice, acc);
 
     for (int i = 0; i < TM; ++i) {
         const int m = m0 + ty * TM + i;
@@ -103,15 +81,14 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
 
 namespace {
 
-constexpr int kBM = 64, kBN = 64, kBK = 16, kTM = 4, kTN = 4;
+constexpr int kBK = 16;
 
 template <bool TRANS_A, bool TRANS_B, bool VEC>
 void launch_sgemm(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
                   float* C, int ldc, const float* bias, cudaStream_t stream) {
-    const dim3 grid(ceil_div(N, kBN), ceil_div(M, kBM));
-    const dim3 block((kBM / kTM) * (kBN / kTN));
-    PA_LAUNCH((sgemm_kernel<kBM, kBN, kBK, kTM, kTN, TRANS_A, TRANS_B, VEC>), grid, block, 0, stream, M, N, K, alpha,
-              A, lda, B, ldb, beta, C, ldc, bias);
+    const dim3 grid(ceil_div(N, kTileN), ceil_div(M, kTileM));
+    PA_LAUNCH((sgemm_kernel<kBK, TRANS_A, TRANS_B, VEC>), grid, kTileThreads, 0, stream, M, N, K, alpha, A, lda, B,
+              ldb, beta, C, ldc, bias);
 }
 
 template <bool TRANS_A, bool TRANS_B>
@@ -126,7 +103,7 @@ void launch_sgemm(bool vec, int M, int N, int K, float alpha, const float* A, in
 void sgemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
            int ldb, float beta, float* C, int ldc, const float* bias, Stream stream) {
     if (M <= 0 || N <= 0) return;
-    if (ceil_div(M, kBM) > 65535u)
+    if (ceil_div(M, kTileM) > 65535u)
         throw KernelError("sgemm: M = " + std::to_string(M) + " exceeds the grid's y limit (65535 tiles of 64 rows)");
     const bool vec = aligned16(A) && aligned16(B) && lda % 4 == 0 && ldb % 4 == 0;
     const cudaStream_t s = as_stream(stream);

@@ -120,25 +120,23 @@ def unit_interval(value, name: str) -> float:
     return v
 
 
+def integer(value, name: str, low: int, high: int | None = None) -> int:
+    """An int (not a bool, not a float that happens to be whole) in [low, high)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
+    if value < low or (high is not None and value >= high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name}: expected an integer {bound}, got {value!r}")
+    return int(value)
+
+
 def positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
-    if value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def seed(value, name: str = "seed") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
-    if not 0 <= value < 2**64:
-        raise ValueError(f"{name}: expected an integer in [0, 2**64), got {value!r}")
-    return int(value)
+    return integer(value, name, 1)
 
 
 def nonnegative_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
-    if value < 0:
-        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
-    return int(value)
+    return integer(value, name, 0)
+
+
+def seed(value, name: str = "seed") -> int:
+    return integer(value, name, 0, 2**64)
