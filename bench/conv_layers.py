@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import cuda_timer, has_gpu, identity, write_result
+from pyalexnet.bench import cuda_timer, identity, write_result
 
 from pyalexnet.architecture import CONV_LAYERS
 
@@ -88,7 +88,10 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
     args = parser.parse_args()
-    if not has_gpu():
+    import pyalexnet as pa
+
+    if pa.backend_name() != "cuda":
+        print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; run this on a GPU")
         return 0
     result = run(args)
     print(f"{result['card']}, batch {args.batch}, {result['precision']}, cuDNN {result['cudnn']}")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import cuda_timer, has_gpu, identity, write_result
+from pyalexnet.bench import cuda_timer, identity, write_result
 
 # (op, layer, one image's input shape); the paper's hyperparameters (LRN 5/1e-4/0.75/2, pool 3/2, p = 0.5)
 CASES = [
@@ -113,7 +113,10 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
     args = parser.parse_args()
-    if not has_gpu():
+    import pyalexnet as pa
+
+    if pa.backend_name() != "cuda":
+        print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; run this on a GPU")
         return 0
     result = run(args)
     print(f"{result['card']}, copy bandwidth {result['copy_GBps']:.0f} GB/s, batch {args.batch}")

@@ -2,6 +2,7 @@
 
     pyalexnet info     which backend runs the kernels, and how
     pyalexnet check    runs every kernel on the active backend against the float64 reference, prints the errors
+    pyalexnet bench    training throughput and per-layer times against PyTorch + cuDNN (see pyalexnet/bench.py)
 """
 
 from __future__ import annotations
@@ -117,10 +118,16 @@ def check() -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from . import bench
+
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="pyalexnet", description="AlexNet from hand-written CUDA kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="which backend runs the kernels")
     sub.add_parser("check", help="run every kernel against the float64 reference")
+    sub.add_parser("bench", help="training throughput and per-layer times against PyTorch (pyalexnet bench --help)")
     args = parser.parse_args(argv)
     return {"info": info, "check": check}[args.command]()
 

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from conftest import ON_CUDA, rel_err
 
 import pyalexnet as pa
 from pyalexnet import reference as R
+from pyalexnet.torch_compat import model_layers, torch_model
 
 TOL = 1e-4
 SMALL = dict(width=1 / 16, input_size=67)  # every layer, a few channels each: conv1 15x15 ... pool5 1x1
@@ -35,42 +34,6 @@ def _images(rng, net, batch):
 
 def _host_params(net):
     return {k: v.astype(np.float64) for k, v in net.state_dict().items()}
-
-
-def _torch_model(torch, net):
-    """The same network in PyTorch, built from net.specs, with the same state-dict keys."""
-    nn = torch.nn
-    features, classifier, paper = [], [], OrderedDict()
-    for i, spec in enumerate(net.specs):
-        kind, shape = spec[0], net.shapes[i]
-        if kind == "conv":
-            _, name, out, kernel, stride, padding, groups, _ = spec
-            m = nn.Conv2d(shape[0], out, kernel, stride, padding, groups=groups)
-        elif kind == "linear":
-            name, m = spec[1], nn.Linear(shape[0], spec[2])
-        else:
-            name = f"{kind}{i}"
-            m = {"relu": nn.ReLU, "flatten": nn.Flatten, "dropout": lambda: nn.Dropout(0.5),
-                 "lrn": lambda: nn.LocalResponseNorm(5, alpha=1e-4 * 5, beta=0.75, k=2.0),  # PyTorch divides alpha by n
-                 "pool": lambda: nn.MaxPool2d(3, 2)}[kind]()
-        paper[name] = m
-        if kind != "flatten":
-            (classifier if kind in ("linear", "dropout") or (classifier and kind == "relu") else features).append(m)
-    if net.variant == "paper":
-        model = nn.Sequential(paper)
-    else:
-        model = nn.Module()
-        model.features, model.classifier = nn.Sequential(*features), nn.Sequential(*classifier)
-        model.forward = lambda x: model.classifier(torch.flatten(model.features(x), 1))
-    model.load_state_dict({k: torch.tensor(v) for k, v in net.state_dict().items()})
-    return model.double()
-
-
-def _torch_layers(torch, model, variant):
-    """The torch modules in the order of net.specs."""
-    if variant == "paper":
-        return list(model.children())
-    return list(model.features) + [torch.nn.Flatten()] + list(model.classifier)
 
 
 def _torch_teacher_forced(torch, net, layers, dlogits):
@@ -152,9 +115,9 @@ def test_end_to_end_against_torch(torch, rng, variant):
             net.load_state_dict(model.state_dict())  # torchvision's tensors, as they are
             model = model.double()
         except ImportError:
-            model = _torch_model(torch, net)
+            model = torch_model(torch, net, torch.float64)
     else:
-        model = _torch_model(torch, net)
+        model = torch_model(torch, net, torch.float64)
     model.eval()
     x = _images(rng, net, 2)
     g = rng.standard_normal((2, 1000)).astype(np.float32)
@@ -162,7 +125,7 @@ def test_end_to_end_against_torch(torch, rng, variant):
     net.backward(pa.asarray(g))
     with torch.no_grad():
         assert rel_err(logits, model(torch.tensor(x, dtype=torch.float64)).numpy()) < TOL  # free-running
-    worst, theirs = _torch_teacher_forced(torch, net, _torch_layers(torch, model, variant), g)
+    worst, theirs = _torch_teacher_forced(torch, net, model_layers(torch, model, variant), g)
     assert worst < TOL
     assert set(theirs) == set(net.gradients())
     for k, grad in net.gradients().items():
@@ -195,8 +158,8 @@ def test_five_sgd_steps_match_the_reference_and_torch(variant):
     try:
         import torch
 
-        model = _torch_model(torch, net).eval()
-        layers = _torch_layers(torch, model, variant)
+        model = torch_model(torch, net, torch.float64).eval()
+        layers = model_layers(torch, model, variant)
         topt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         named = dict(model.named_parameters())
     except ImportError:

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The one-command check for a machine with a GPU: build, the whole test suite on the cuda backend,
+# compute-sanitizer (memcheck, racecheck, synccheck) over the kernel tests, and `pyalexnet bench`.
+#
+#   bash bench/gpu_check.sh [--stage build|test|sanitize|bench|all] [--out DIR]
+#
+# Each stage fits in 10 minutes; where one command may run no longer, run the stages one per command (the
+# build first). Everything lands in DIR (default bench/out/gpu-check): summary.txt, one log per stage,
+# bench.json and bench.png. Commit bench.json as bench/results/<date>-<card>-<commit>-bench.json (its fields
+# say which) and regenerate bench/RESULTS.md with `python bench/results_md.py`.
+# The build needs no network (pip --no-build-isolation: pybind11, CMake, ninja and setuptools must be there);
+# CUDAARCHS (default 90, the H100/H200) chooses what nvcc compiles for.
+set -uo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+stage=all
+out="${OUT:-$repo/bench/out/gpu-check}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --stage) stage="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        *) echo "usage: $0 [--stage build|test|sanitize|bench|all] [--out DIR]" >&2; exit 2 ;;
+    esac
+done
+case "$stage" in build|test|sanitize|bench|all) ;; *) echo "unknown stage '$stage'" >&2; exit 2 ;; esac
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+summary="$out/summary.txt"
+touch "$summary"  # kept across runs, so stages run one per command add up
+failed=0
+
+# run NAME LOG COMMAND...: runs COMMAND (output to LOG, appended), adds a line to the summary.
+run() {
+    local name="$1" log="$2"; shift 2
+    local start=$SECONDS status=ok
+    echo "== $name: $*" >> "$log"
+    if ! "$@" >> "$log" 2>&1; then status=FAIL; failed=1; fi
+    printf '%-12s %-5s %5ds  %s\n' "$name" "$status" $((SECONDS - start)) "$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-90)" >> "$summary"
+}
+
+# Tests run from outside the checkout, so that `import pyalexnet` finds the installed package, not the sources.
+tests() { (cd "$out" && "$@"); }
+kernel_tests=("$repo/tests/test_ops.py" "$repo/tests/test_conv.py" "$repo/tests/test_lrn_pool_dropout.py"
+              "$repo/tests/test_emulator.py")
+
+if [ "$stage" = build ] || [ "$stage" = all ]; then
+    : > "$out/build.log"
+    run build "$out/build.log" env CUDAARCHS="${CUDAARCHS:-90}" python -m pip install --no-build-isolation --no-deps "$repo"
+    run info "$out/build.log" tests env PYALEXNET_BACKEND=cuda python -m pyalexnet info
+fi
+if [ "$stage" = test ] || [ "$stage" = all ]; then
+    : > "$out/test.log"
+    run check "$out/test.log" tests env PYALEXNET_BACKEND=cuda python -m pyalexnet check
+    run pytest "$out/test.log" tests env PYALEXNET_BACKEND=cuda timeout 580 python -m pytest -q -p no:cacheprovider \
+        --rootdir "$repo" "$repo/tests"
+fi
+if [ "$stage" = sanitize ] || [ "$stage" = all ]; then
+    : > "$out/sanitize.log"
+    # Small shapes only: racecheck is slow. -k drops the full-size AlexNet layers and the largest sizes.
+    for tool in memcheck racecheck synccheck; do
+        run "$tool" "$out/sanitize.log" tests env PYALEXNET_BACKEND=cuda timeout 190 compute-sanitizer --tool "$tool" \
+            --error-exitcode 1 python -m pytest -q -x -p no:cacheprovider --rootdir "$repo" \
+            -k "not alexnet and not 4096 and not 1000 and not statistics and not 55" "${kernel_tests[@]}"
+    done
+fi
+if [ "$stage" = bench ] || [ "$stage" = all ]; then
+    : > "$out/bench.log"
+    run bench "$out/bench.log" tests env PYALEXNET_BACKEND=cuda timeout 580 python -m pyalexnet bench \
+        --checkout "$repo" --json "$out/bench.json"
+fi
+
+echo
+echo "gpu_check ($stage) in $out:"
+printf '%-12s %-5s %6s  %s\n' stage status time "last line of its log"
+cat "$summary"
+exit $failed
