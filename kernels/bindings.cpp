@@ -291,12 +291,13 @@ ConvArgs conv_args(const Array& x, const Array& w, int stride, int padding, int 
                               std::to_string(a.C) + " / groups " + std::to_string(groups) + "), got shape " +
                               shape_str(w.shape));
     if (a.R < 1 || a.S < 1) throw py::value_error("w: empty kernel " + shape_str(w.shape));
-    if (int64_t(a.H) + 2 * padding < a.R || int64_t(a.W) + 2 * padding < a.S)
+    const int64_t padded_h = int64_t(a.H) + 2 * int64_t(padding), padded_w = int64_t(a.W) + 2 * int64_t(padding);
+    if (padded_h < a.R || padded_w < a.S)
         throw py::value_error("w: a " + std::to_string(a.R) + "x" + std::to_string(a.S) + " kernel is larger than the " +
-                              std::to_string(a.H + 2 * padding) + "x" + std::to_string(a.W + 2 * padding) +
-                              " padded input");
-    a.out_shape = {a.N, a.K, (int64_t(a.H) + 2 * padding - a.R) / stride + 1,
-                   (int64_t(a.W) + 2 * padding - a.S) / stride + 1};
+                              std::to_string(padded_h) + "x" + std::to_string(padded_w) + " padded input");
+    int_dim(padded_h, "the padded height");  // the kernels compute H + 2 pad in 32-bit ints
+    int_dim(padded_w, "the padded width");
+    a.out_shape = {a.N, a.K, (padded_h - a.R) / stride + 1, (padded_w - a.S) / stride + 1};
     // conv.cu indexes with 32-bit ints: every tensor must have fewer elements than that.
     int_dim(x.size, "x's element count");
     int_dim(w.size, "w's element count");
@@ -568,6 +569,11 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.attr("fiber_switch") = "ucontext";
 #endif
     m.def("worker_count", &pa_emu::worker_count, "Worker threads of the emulator (PYALEXNET_EMU_WORKERS).");
+#if defined(__SANITIZE_ADDRESS__)
+    m.attr("sanitizer") = "address,undefined";
+#else
+    m.attr("sanitizer") = py::none();
+#endif
     m.def("synchronize", [] {}, "Emulated launches are synchronous: nothing to wait for.");
 #endif
     const auto s = py::arg("stream") = uintptr_t(0);

@@ -209,12 +209,30 @@ __global__ void planted_static_shared(float* s) {
     s[threadIdx.x] = big[threadIdx.x];
 }
 
-// Thread 1 puts 80 KB of locals on its 64 KB emulator stack.
+// Thread 7 of 8 puts 300 KB of locals on its emulator stack (64 KB; 256 KB in the ASan build). The stacks of
+// the finished threads 0-6 lie below it, so the overflow lands there and the canary reports it.
 __global__ void planted_stack_overflow(float* s) {
-    if (threadIdx.x != 1) return;
-    volatile float big[20000];
-    for (int i = 0; i < 20000; ++i) big[i] = float(i);
-    s[1] = big[19999];
+    if (threadIdx.x != 7) return;
+    volatile float big[75000];
+    for (int i = 0; i < 75000; ++i) big[i] = float(i);
+    s[7] = big[74999];
+}
+#endif
+
+// Faults only the sanitizer build can catch (elsewhere they would corrupt memory): each is a one-off bug.
+#if defined(__SANITIZE_ADDRESS__)
+__global__ void planted_global_overflow(float* s) { s[1024 + threadIdx.x] = 1.0f; }  // s holds 1024 floats
+
+__global__ void planted_shared_overflow(float* s) {
+    __shared__ float tile[32];
+    tile[threadIdx.x] = s[threadIdx.x];
+    __syncthreads();
+    s[threadIdx.x] = tile[threadIdx.x + 1];  // thread 31 reads tile[32]
+}
+
+__global__ void planted_misaligned_float4(float* s) {
+    const float4 v = *reinterpret_cast<const float4*>(s + 1 + 4 * threadIdx.x);  // 4-byte, not 16-byte, aligned
+    s[threadIdx.x] = v.x;
 }
 #endif
 
@@ -236,7 +254,12 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "dynamic_shared_over_optin") set_max_dynamic_shared(planted_dynamic_shared, 300 * 1024);
 #if !defined(__CUDACC__)
     else if (f == "static_shared_over_limit") PA_LAUNCH(planted_static_shared, 1, 32, 0, st, s);
-    else if (f == "stack_overflow") PA_LAUNCH(planted_stack_overflow, 1, 2, 0, st, s);
+    else if (f == "stack_overflow") PA_LAUNCH(planted_stack_overflow, 1, 8, 0, st, s);
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+    else if (f == "global_overflow") PA_LAUNCH(planted_global_overflow, 1, 32, 0, st, s);
+    else if (f == "shared_overflow") PA_LAUNCH(planted_shared_overflow, 1, 32, 0, st, s);
+    else if (f == "misaligned_float4") PA_LAUNCH(planted_misaligned_float4, 1, 32, 0, st, s);
 #endif
     else throw KernelError("selftest_planted: unknown fault '" + f + "'");
 }

@@ -41,6 +41,8 @@ def _load_cuda():
         return None, "CuPy is not installed (pip install cupy-cuda13x, or the build matching your CUDA)"
     if not cupy.is_available():
         return None, "CuPy sees no usable CUDA device"
+    if os.environ.get("PYALEXNET_CUPY_POOL") == "0":  # for compute-sanitizer: no pooled blocks to hide overruns in
+        cupy.cuda.set_allocator(None)
     return Backend("cuda", _cuda, cupy), None
 
 

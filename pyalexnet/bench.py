@@ -8,8 +8,8 @@ On a GPU (the cuda backend):
   - per layer: forward and backward of every layer at its shape, ours against PyTorch (cuDNN) and, for the
     fully-connected layers, cuBLAS through CuPy's matmul;
   - the device's measured peaks (copy bandwidth, an fp32 GEMM), so each figure is also a % of what the card
-    does; CUDA-event timing after warm-up, the median of --iters runs, inputs rotated among buffers larger than
-    L2 together.
+    does; CUDA-event timing after warm-up, the median of --iters runs; the whole-network inputs rotate between
+    two buffers larger than L2 (per-layer timings repeat one input: a small layer's may sit in L2).
   Writes bench/results/<date>-<card>-<commit>-bench.json in the git checkout it is run from (every number,
   card, driver, versions) and, with matplotlib installed, a PNG chart beside it.
 Without a GPU: runs the same pipeline on the CPU emulator on a small network, checks its results against the
@@ -135,7 +135,8 @@ def _whole_network(cp, torch, variant, batch, mode, time_ms, compare):
     xs = [cp.asarray(rng.standard_normal((batch, 3, size, size)).astype(np.float32)) for _ in range(rotate)]
     ys = [cp.asarray(rng.integers(0, 1000, batch).astype(np.int64)) for _ in range(rotate)]
     ours = time_ms(lambda i: step(xs[i], ys[i]), rotate)
-    flops = 3 * conv_flops(net) * batch  # forward, backward-data, backward-filter
+    # Forward, backward-data and backward-filter, less conv1's backward-data, which training skips.
+    flops = (3 * conv_flops(net) - conv_flops_layer(net, 0)) * batch
     row = {"variant": variant, "mode": mode, "batch": batch, "ms": ours, "images_per_s": batch / ours * 1e3,
            "tflops": flops / ours / 1e9}
     if compare and torch is not None:
@@ -247,7 +248,7 @@ def _git(*args) -> str:
 def identity(cp, torch) -> dict:
     """Card, date, commit and versions: a number without them is not a result."""
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    commit = _git("rev-parse", "--short", "HEAD")
+    commit = _git("describe", "--always", "--dirty")
     return {"date": datetime.date.today().isoformat(), "card": props["name"].decode(), "commit": commit or "unknown",
             "driver": cp.cuda.runtime.driverGetVersion(), "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
             "cupy": cp.__version__, "torch": None if torch is None else torch.__version__,

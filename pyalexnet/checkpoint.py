@@ -2,8 +2,8 @@
 
 Members: "param/<name>" and "velocity/<name>" (float32 arrays), and "meta", the UTF-8 bytes of a JSON object:
 format and version, the network's configuration and dropout position, the optimiser's hyperparameters, step
-counts and schedule state, the caller's `extra` (JSON values only), and a SHA-256 over every array's name,
-shape and bytes. Loading checks the zip's CRCs (accidental damage, truncation) and that digest (edits), and
+counts and schedule state, the caller's `extra` (JSON values only), and a SHA-256 over the rest of the
+metadata and every array's name, shape and bytes. Loading checks the zip's CRCs (accidental damage, truncation) and that digest (edits), and
 says which failed.
 
 The write is atomic: a temporary file in the same directory, flushed and fsynced, renamed over the target, and
@@ -40,8 +40,9 @@ def _host(a) -> np.ndarray:
     return a.get() if _backend.active.name == "cuda" else np.asarray(a)
 
 
-def _digest(arrays: dict) -> str:
+def _digest(arrays: dict, meta: dict) -> str:
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
@@ -56,6 +57,10 @@ def save(path, net: AlexNet, optimizer: SGD | None = None, extra: dict | None = 
     extra = {} if extra is None else extra
     if not isinstance(extra, dict):
         raise TypeError(f"extra: expected a dict of JSON values, got {type(extra).__name__}")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"extra: must hold only JSON values (dict, list, str, number, bool, None): {e}") from None
     arrays = {f"param/{k}": _host(v) for k, v in net.parameters().items()}
     meta = {
         "format": FORMAT,
@@ -66,19 +71,22 @@ def save(path, net: AlexNet, optimizer: SGD | None = None, extra: dict | None = 
         "extra": extra,
     }
     if optimizer is not None:
+        schedule_from_state(optimizer.schedule.state())  # a schedule load() could not rebuild fails now, not later
         arrays.update({f"velocity/{k}": _host(v) for k, v in optimizer.velocity.items()})
         meta["optimizer"] = {"lr": optimizer.lr, "momentum": optimizer.momentum,
                              "weight_decay": optimizer.weight_decay, "steps": optimizer.steps,
                              "epochs": optimizer.epochs, "schedule": optimizer.schedule.state()}
-    meta["sha256"] = _digest(arrays)
-    try:
-        meta_bytes = json.dumps(meta, allow_nan=True).encode()
-    except TypeError as e:
-        raise TypeError(f"extra: must hold only JSON values (dict, list, str, number, bool, None): {e}") from None
+    meta["sha256"] = _digest(arrays, meta)
+    meta_bytes = json.dumps(meta).encode()
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file would be, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             np.savez(f, meta=np.frombuffer(meta_bytes, dtype=np.uint8), **arrays)
             f.flush()
@@ -109,11 +117,17 @@ def load(path) -> Checkpoint:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: damaged checkpoint metadata: {e}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: not a {FORMAT} version {VERSION} file")
-    if _digest(arrays) != meta.get("sha256"):
-        raise ValueError(f"{path}: the arrays do not match the checkpoint's SHA-256: the file was modified")
+    if _digest(arrays, meta) != meta.get("sha256"):
+        raise ValueError(f"{path}: the contents do not match the checkpoint's SHA-256: the file was modified")
+    try:
+        return _rebuild(arrays, meta)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
 
+
+def _rebuild(arrays: dict, meta: dict) -> Checkpoint:
     cfg = meta["net"]
     net = AlexNet(cfg["variant"], cfg["num_classes"], cfg["seed"], cfg["width"], cfg["input_size"])
     net.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})

@@ -7,12 +7,16 @@ reused by every later step, so a training step allocates nothing after the first
 returns, and everything else in the workspace, are overwritten by the next call (copy what you keep).
 
 Dropout draws from our counter-based generator, keyed per call: the j-th dropout layer of the t-th training
-forward uses seed (net seed * 2^32 + 2 t + j) mod 2^64. ``t`` (``dropout_calls``) is part of a checkpoint, so a
-resumed run draws exactly the masks the uninterrupted run would have.
+forward uses the first 8 bytes of BLAKE2b("net seed:t:j") as its key. ``t`` (``dropout_calls``) is part of a
+checkpoint, so a resumed run draws exactly the masks the uninterrupted run would have.
+
+backward() reads the activations forward() kept, the input images among them: do not overwrite the array you
+passed to forward() before calling backward().
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -80,14 +84,17 @@ class AlexNet:
         self.seed = check.seed(seed)
         self.width = check.positive_finite(width, "width")
         self.specs = layer_specs(variant, num_classes, width)
-        self.input_size = check.positive_int(input_size or (227 if variant == "paper" else 224), "input_size")
+        default_size = 227 if variant == "paper" else 224
+        self.input_size = check.positive_int(default_size if input_size is None else input_size, "input_size")
         self.shapes = self._infer_shapes()  # each layer's input shape, one image; the last entry is the output
         self.dropout_calls = 0
         self._params = self._initial_parameters()
         xp = _backend.active.xp
         self._grads = {k: xp.zeros_like(v) for k, v in self._params.items()}
-        self._ws = None  # workspace for one batch size
+        self._workspaces = {}  # batch size -> workspace; the two most recent are kept (training, evaluation)
+        self._ws = None  # the workspace of the last forward
         self._ready_for_backward = False
+        self._masks_of = None  # the workspace whose dropout masks the last training forward drew
 
     # ---- construction -----------------------------------------------------------------------------------------
     def _infer_shapes(self):
@@ -141,7 +148,8 @@ class AlexNet:
         return dict(self._grads)
 
     def state_dict(self) -> dict:
-        """name -> a host NumPy copy of each parameter (torchvision's names for that variant)."""
+        """name -> a host NumPy copy of each parameter (torchvision's names for the torchvision variant; conv1 ...
+        fc8 for the paper variant)."""
         return {k: _to_host(v).copy() for k, v in self._params.items()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -166,21 +174,25 @@ class AlexNet:
 
     # ---- forward and backward --------------------------------------------------------------------------------
     def _workspace(self, batch):
-        if self._ws is not None and self._ws["batch"] == batch:
-            return self._ws
+        if batch in self._workspaces:
+            self._workspaces[batch] = self._workspaces.pop(batch)  # most recently used last
+            return self._workspaces[batch]
+        while len(self._workspaces) >= 2:  # e.g. the training batch and a smaller last or evaluation batch
+            del self._workspaces[next(iter(self._workspaces))]
         xp = _backend.active.xp
         outs, grads, masks = [], [], []
         for i, spec in enumerate(self.specs):
-            if spec[0] in ("flatten",):
-                outs.append(None)  # a view of the input
-                grads.append(None)
+            if spec[0] in ("flatten",) or i == 0:
+                outs.append(None if i else xp.empty((batch, *self.shapes[1]), np.float32))  # flatten: a view
+                grads.append(None)  # nobody needs the gradient of the images
             else:
                 outs.append(xp.empty((batch, *self.shapes[i + 1]), np.float32))
                 grads.append(xp.empty((batch, *self.shapes[i]), np.float32))
             n = batch * math.prod(self.shapes[i])
             masks.append(xp.empty(((n + 31) // 32,), np.uint32) if spec[0] == "dropout" else None)
-        self._ws = {"batch": batch, "outs": outs, "grads": grads, "masks": masks, "acts": [None] * (len(self.specs) + 1)}
-        return self._ws
+        ws = {"batch": batch, "outs": outs, "grads": grads, "masks": masks, "acts": [None] * (len(self.specs) + 1)}
+        self._workspaces[batch] = ws
+        return ws
 
     def forward(self, x, train: bool = True):
         """Logits (batch, num_classes) for images x (batch, 3, S, S), S = input_size. Dropout only when `train`.
@@ -194,7 +206,7 @@ class AlexNet:
                              f"variant, got {tuple(x.shape)}")
         be = _backend.active
         mod, stream = be.module, be.stream()
-        ws = self._workspace(x.shape[0])
+        ws = self._ws = self._workspace(x.shape[0])
         acts, dropout_index = ws["acts"], 0
         acts[0] = x
         for i, spec in enumerate(self.specs):
@@ -213,8 +225,8 @@ class AlexNet:
                 out = a.reshape(a.shape[0], -1)
             elif kind == "dropout":
                 if train:
-                    seed = (self.seed * 2**32 + 2 * self.dropout_calls + dropout_index) % 2**64
-                    mod.dropout_forward(a, out, ws["masks"][i], DROPOUT_P, seed, stream=stream)
+                    mod.dropout_forward(a, out, ws["masks"][i], DROPOUT_P, self._dropout_key(dropout_index),
+                                        stream=stream)
                 else:
                     out = a
                 dropout_index += 1
@@ -225,6 +237,7 @@ class AlexNet:
             acts[i + 1] = out
         if train:
             self.dropout_calls += 1
+            self._masks_of = ws
         self._trained_last = train
         self._ready_for_backward = True
         return acts[-1]
@@ -270,10 +283,19 @@ class AlexNet:
                                     self._grads[f"{name}.bias"], stream=stream)
             g = dx
 
+    def _dropout_key(self, layer: int) -> int:
+        """The generator key of dropout layer `layer` in this training forward: distinct for every (seed, call,
+        layer), whatever the seed's size."""
+        text = f"{self.seed}:{self.dropout_calls}:{layer}".encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
     def dropout_masks(self) -> list:
-        """The dropout masks of the last training forward, as host boolean arrays shaped like their inputs."""
+        """The dropout masks of the last forward, which must have been a training one, as host boolean arrays
+        shaped like their inputs (True = kept)."""
         from .ops import dropout_keep
 
+        if self._masks_of is None or self._masks_of is not self._ws or not self._trained_last:
+            raise RuntimeError("dropout_masks() describes the last forward, and that was not forward(train=True)")
         ws = self._ws
         return [dropout_keep(ws["masks"][i], ws["acts"][i].shape) for i, s in enumerate(self.specs)
                 if s[0] == "dropout"]

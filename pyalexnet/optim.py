@@ -52,8 +52,9 @@ class Plateau:
         self.reductions = 0
 
     def next_lr(self, lr: float, epoch: int, validation_error: float | None) -> float:
-        if validation_error is None:
-            raise ValueError("validation_error: the plateau schedule needs each epoch's validation error")
+        if validation_error is None or not math.isfinite(validation_error):
+            raise ValueError(f"validation_error: the plateau schedule needs each epoch's (finite) validation error, "
+                             f"got {validation_error!r}")
         if validation_error < self.best:
             self.best, self.bad_epochs = float(validation_error), 0
             return lr
@@ -110,6 +111,6 @@ class SGD:
 
     def end_epoch(self, validation_error: float | None = None) -> float:
         """Counts an epoch and lets the schedule set the learning rate; returns it."""
-        self.epochs += 1
-        self.lr = check.positive_finite(self.schedule.next_lr(self.lr, self.epochs, validation_error), "lr")
+        lr = check.positive_finite(self.schedule.next_lr(self.lr, self.epochs + 1, validation_error), "lr")
+        self.epochs, self.lr = self.epochs + 1, lr  # only once the schedule has accepted the epoch
         return self.lr

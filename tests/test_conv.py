@@ -130,6 +130,13 @@ def test_bad_geometry(xs, ws, kwargs, err, match):
         pa.ops.conv2d_forward(x, w, None, **kwargs)
 
 
+def test_padding_beyond_32_bit_indexing_is_refused():
+    x, w = pa.asarray(np.ones((1, 1, 1, 3), np.float32)), pa.asarray(np.ones((1, 1, 1, 1), np.float32))
+    with pytest.raises(ValueError, match=r"the padded height = \d+ exceeds"):
+        pa._backend.active.module.conv_forward(x, w, None, pa.asarray(np.ones((1, 1, 1, 1), np.float32)),
+                                               2**30 - 1, 2**30 - 1, 1)
+
+
 def test_mixed_dtypes_are_a_value_error_and_a_type_error():
     x = pa.asarray(np.ones((1, 3, 5, 5), np.float32))
     w = pa.asarray(np.ones((2, 3, 3, 3), np.float64))

@@ -373,3 +373,74 @@ def test_arrays_from_torch_are_accepted(torch, rng):
     x = _images(rng, net, 2)
     ours = net.forward(x, train=False).copy()
     np.testing.assert_array_equal(net.forward(torch.from_numpy(x), train=False), ours)
+
+
+def test_dropout_masks_describe_only_a_training_forward(rng):
+    net = pa.AlexNet("paper", num_classes=10, **SMALL)
+    with pytest.raises(RuntimeError, match=r"dropout_masks\(\) describes the last forward"):
+        net.dropout_masks()
+    net.forward(pa.asarray(_images(rng, net, 4)), train=True)
+    assert [m.shape for m in net.dropout_masks()] == [(4, net.shapes[net.specs.index(("dropout",))][0]), (4, 256)]
+    net.forward(pa.asarray(_images(rng, net, 2)), train=False)
+    with pytest.raises(RuntimeError):
+        net.dropout_masks()
+
+
+def test_seeds_that_differ_only_in_high_bits_draw_different_masks(rng):
+    x = pa.asarray(_images(rng, pa.AlexNet("paper", num_classes=10, **SMALL), 2))
+    masks = []
+    for seed in (1, 1 + 2**32):
+        net = pa.AlexNet("paper", num_classes=10, seed=seed, **SMALL)
+        net.forward(x, train=True)
+        masks.append(net.dropout_masks()[1])
+    assert (masks[0] != masks[1]).any()
+
+
+def test_a_failed_epoch_end_changes_nothing():
+    net = pa.AlexNet("paper", num_classes=10, **SMALL)
+    opt = pa.SGD(net, lr=0.01, schedule=pa.Plateau())
+    for bad in (None, float("nan")):
+        with pytest.raises(ValueError, match=r"validation_error: the plateau schedule needs"):
+            opt.end_epoch(bad)
+    assert opt.epochs == 0 and opt.lr == 0.01
+
+
+def test_checkpoint_metadata_edits_and_odd_paths(tmp_path):
+    import json
+    import zipfile
+
+    net = pa.AlexNet("torchvision", num_classes=10, **SMALL)
+    path = tmp_path / "c.npz"
+    pa.save(path, net, pa.SGD(net, lr=0.1), extra={"epoch": 3})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    with np.load(path) as z:
+        members = {k: z[k] for k in z.files}
+    meta = json.loads(members["meta"].tobytes())
+    meta["optimizer"]["lr"] = 10.0  # an edit that keeps the zip valid
+    members["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "edited.npz", **members)
+    with pytest.raises(ValueError, match=r"edited\.npz: the contents do not match the checkpoint's SHA-256"):
+        pa.load(tmp_path / "edited.npz")
+    with zipfile.ZipFile(tmp_path / "nometa.npz", "w") as z:
+        z.writestr("param/x.npy", b"")
+    with pytest.raises(ValueError, match=r"nometa\.npz: "):
+        pa.load(tmp_path / "nometa.npz")
+    with pytest.raises(FileNotFoundError, match=r"the directory .*missing does not exist"):
+        pa.save(tmp_path / "missing" / "c.npz", net)
+
+    class Cosine:
+        def next_lr(self, lr, epoch, err):
+            return lr
+
+        def state(self):
+            return {"kind": "cosine"}
+
+    with pytest.raises(ValueError, match=r"unknown learning-rate schedule 'cosine'"):
+        pa.save(path, net, pa.SGD(net, lr=0.1, schedule=Cosine()))
+    assert pa.load(path).extra == {"epoch": 3}
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -31,7 +31,11 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
+#if defined(__SANITIZE_ADDRESS__)
+#define __shared__ static  // ASan sees overflows of globals, not of thread_local: one worker (runtime.cpp)
+#else
 #define __shared__ static thread_local
+#endif
 // __noinline__ is deliberately left undefined: libstdc++ uses it as an attribute name.
 
 // ---- built-in types ----------------------------------------------------------------------------------

@@ -36,6 +36,18 @@
 #include <ucontext.h>
 #endif
 
+// The AddressSanitizer build (-DPYALEXNET_EMU_SANITIZE=ON: ASan + UBSan): ASan is told about every switch
+// between stacks, reused stacks are unpoisoned, `__shared__` is plain `static` (ASan puts redzones around
+// globals, not around thread_local), so one worker runs every block, and a fault report ends with the kernel,
+// block and thread it happened in.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define PA_EMU_ASAN 1
+#else
+#define PA_EMU_ASAN 0
+#endif
+
 namespace pa_emu {
 
 __thread const uint3* t_thread_idx = nullptr;
@@ -55,7 +67,8 @@ constexpr size_t kMaxStaticShared = 48 * 1024;
 constexpr size_t kDefaultDynamicShared = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kMaxDynamicShared = 227 * 1024;     // Hopper's opt-in ceiling per block
 
-constexpr size_t kStackBytes = 64 * 1024;  // peak use measured under 4 KB; the rest is margin
+// Peak use measured under 4 KB; the rest is margin (ASan's redzones make frames several times larger).
+constexpr size_t kStackBytes = (PA_EMU_ASAN ? 256 : 64) * 1024;
 constexpr size_t kPage = 4096;
 // Stacks sit side by side in one mapping (guard pages between them would cost a memory-map entry each, and a
 // process has only ~65k). Instead the lowest bytes of each stack hold a canary, checked every time a fiber
@@ -80,6 +93,10 @@ struct Fiber {
     const char* file = nullptr;  // where it waits
     int line = 0;
     Group* group = nullptr;
+#if PA_EMU_ASAN
+    void* fake_stack = nullptr;      // ASan's bookkeeping while the fiber is switched out
+    const void* bottom = nullptr;
+#endif
 };
 
 // One warp collective in progress: lanes arrive one by one; it completes when `arrived == mask`.
@@ -137,7 +154,13 @@ struct Worker {
     unsigned char* dynamic_region = nullptr;
     unsigned char* dynamic_guard = nullptr;
     unsigned char* tls_block = nullptr;  // this thread's instance of the module's TLS segment (static shared)
+    const LaunchInfo* info = nullptr;    // the launch being run, for fault reports
     int nthreads = 0;
+#if PA_EMU_ASAN
+    void* scheduler_fake_stack = nullptr;
+    const void* scheduler_bottom = nullptr;
+    size_t scheduler_size = 0;
+#endif
     const std::function<void()>* body = nullptr;
     std::string error;  // the first fault of the current block, empty if none
 #if !defined(PA_EMU_FCONTEXT)
@@ -204,41 +227,100 @@ void run_thread_body(Fiber* f) {
     f->state = State::Done;
 }
 
+// ASan's side of each switch (no-ops in other builds): the scheduler enters a fiber, a fiber arrives, a fiber
+// leaves (for good when it has finished), the scheduler is back.
+void asan_enter_fiber(Worker& w, Fiber& f) {
+#if PA_EMU_ASAN
+    __sanitizer_start_switch_fiber(&w.scheduler_fake_stack, f.bottom, kStackBytes);
+#else
+    (void)w, (void)f;
+#endif
+}
+void asan_back_in_scheduler(Worker& w) {
+#if PA_EMU_ASAN
+    __sanitizer_finish_switch_fiber(w.scheduler_fake_stack, nullptr, nullptr);
+#else
+    (void)w;
+#endif
+}
+void asan_arrived_in_fiber(Worker& w, Fiber& f) {
+#if PA_EMU_ASAN
+    __sanitizer_finish_switch_fiber(f.fake_stack, &w.scheduler_bottom, &w.scheduler_size);
+#else
+    (void)w, (void)f;
+#endif
+}
+void asan_leave_fiber(Worker& w, Fiber& f, bool finished) {
+#if PA_EMU_ASAN
+    __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, w.scheduler_bottom, w.scheduler_size);
+#else
+    (void)w, (void)f, (void)finished;
+#endif
+}
+void prepare_stack(Worker& w, Fiber& f, int i) {
+#if PA_EMU_ASAN
+    // A fiber abandoned after a fault leaves its frames' redzones poisoned: this stack starts clean.
+    ASAN_UNPOISON_MEMORY_REGION(w.stack_base(i), kStackBytes);
+    f.bottom = w.stack_base(i);
+    f.fake_stack = nullptr;
+#else
+    (void)w, (void)f, (void)i;
+#endif
+}
+
 #if defined(PA_EMU_FCONTEXT)
 namespace ctx = boost::context::detail;
 
 void fiber_entry(ctx::transfer_t t) {
     Fiber* f = static_cast<Fiber*>(t.data);
     f->caller = t.fctx;
+    asan_arrived_in_fiber(*t_worker, *f);
     run_thread_body(f);
+    asan_leave_fiber(*t_worker, *f, true);
     ctx::jump_fcontext(f->caller, nullptr);  // never resumed again
 }
 void start_fiber(Worker& w, Fiber& f, int i) {
+    prepare_stack(w, f, i);
     f.context = ctx::make_fcontext(w.stack_base(i) + kStackBytes, kStackBytes, fiber_entry);
 }
-void resume(Worker&, Fiber& f) {
+void resume(Worker& w, Fiber& f) {
+    asan_enter_fiber(w, f);
     ctx::transfer_t t = ctx::jump_fcontext(f.context, &f);
+    asan_back_in_scheduler(w);
     f.context = t.fctx;
 }
-void yield(Worker&, Fiber& f) {
+void yield(Worker& w, Fiber& f) {
+    asan_leave_fiber(w, f, false);
     ctx::transfer_t t = ctx::jump_fcontext(f.caller, nullptr);
+    asan_arrived_in_fiber(w, f);
     f.caller = t.fctx;
 }
 #else
 void fiber_entry() {
     Fiber* f = t_fiber;
+    asan_arrived_in_fiber(*t_worker, *f);
     run_thread_body(f);
+    asan_leave_fiber(*t_worker, *f, true);
     setcontext(&t_worker->scheduler);  // never resumed again
 }
 void start_fiber(Worker& w, Fiber& f, int i) {
+    prepare_stack(w, f, i);
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = w.stack_base(i);
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_entry, 0);
 }
-void resume(Worker& w, Fiber& f) { swapcontext(&w.scheduler, &f.context); }
-void yield(Worker& w, Fiber& f) { swapcontext(&f.context, &w.scheduler); }
+void resume(Worker& w, Fiber& f) {
+    asan_enter_fiber(w, f);
+    swapcontext(&w.scheduler, &f.context);
+    asan_back_in_scheduler(w);
+}
+void yield(Worker& w, Fiber& f) {
+    asan_leave_fiber(w, f, false);
+    swapcontext(&f.context, &w.scheduler);
+    asan_arrived_in_fiber(w, f);
+}
 #endif
 
 // Suspends the calling fiber until the scheduler makes it runnable again. A block that has failed never
@@ -302,7 +384,7 @@ void resolve_stall(Worker& w) {
 }
 
 void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<size_t, size_t>>& static_shared,
-               long long linear_block) {
+               unsigned char* static_base, long long linear_block) {
     const dim3 g = info.grid, b = info.block;
     t_block_idx = {unsigned(linear_block % g.x), unsigned(linear_block / g.x % g.y), unsigned(linear_block / (g.x * 1ull * g.y))};
     t_block_dim = b;
@@ -311,8 +393,8 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     // so a kernel that reads before writing gets garbage here too, not zeros or the previous block's data.
     t_dynamic_shared = w.dynamic_guard - (info.dynamic_shared + 15) / 16 * 16;
     std::memset(t_dynamic_shared, 0xff, w.dynamic_guard - t_dynamic_shared);
-    if (w.tls_block)
-        for (const auto& [offset, bytes] : static_shared) std::memset(w.tls_block + offset, 0xff, bytes);
+    if (static_base)
+        for (const auto& [offset, bytes] : static_shared) std::memset(static_base + offset, 0xff, bytes);
     w.nthreads = int(b.x * b.y * b.z);
     for (int warp = 0; warp < int(kMaxThreadsPerBlock / 32); ++warp) {
         const int lanes = std::clamp(w.nthreads - warp * 32, 0, 32);
@@ -339,7 +421,8 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
             t_thread_idx = &f.idx;
             resume(w, f);
             if (!w.canary_intact(i)) {
-                w.write_canary(i);
+                // The overflow ran into the stacks below this one: every canary is suspect, so renew them all.
+                for (unsigned j = 0; j < kMaxThreadsPerBlock; ++j) w.write_canary(int(j));
                 record_error(w, thread_at(f) + " overflowed its " + std::to_string(kStackBytes / 1024) +
                                     " KB emulator stack (large local arrays? deep recursion?)");
             }
@@ -359,7 +442,8 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
 struct Job {
     const LaunchInfo* info = nullptr;
     const std::function<void()>* body = nullptr;
-    const std::vector<std::pair<size_t, size_t>>* static_shared = nullptr;  // (TLS offset, bytes) to poison
+    const std::vector<std::pair<size_t, size_t>>* static_shared = nullptr;  // (offset, bytes) to poison
+    unsigned char* module_base = nullptr;  // the ASan build's static shared memory is at module_base + offset
     long long nblocks = 0;
     std::atomic<long long> next{0};
     std::atomic<bool> failed{false};
@@ -369,11 +453,12 @@ struct Job {
 
 void work_on(Worker& w, Job& job) {
     w.body = job.body;
+    w.info = job.info;
     for (;;) {
         if (job.failed.load(std::memory_order_relaxed)) return;
         const long long blk = job.next.fetch_add(1, std::memory_order_relaxed);
         if (blk >= job.nblocks) return;
-        run_block(w, *job.info, *job.static_shared, blk);
+        run_block(w, *job.info, *job.static_shared, PA_EMU_ASAN ? job.module_base : w.tls_block, blk);
         if (!w.error.empty()) {
             std::lock_guard<std::mutex> lk(job.error_mutex);
             if (!job.failed.load()) {
@@ -438,9 +523,11 @@ int configured_workers() {
     if (const char* s = std::getenv("PYALEXNET_EMU_WORKERS")) {
         char* end = nullptr;
         const long v = std::strtol(s, &end, 10);
-        if (end != s && *end == '\0' && v >= 1 && v <= 1024) return int(v);
+        // The ASan build's static shared memory is one plain `static` per kernel: one block at a time.
+        if (end != s && *end == '\0' && v >= 1 && v <= 1024) return PA_EMU_ASAN ? 1 : int(v);
         throw pa::KernelError("PYALEXNET_EMU_WORKERS must be an integer in [1, 1024], got '" + std::string(s) + "'");
     }
+    if (PA_EMU_ASAN) return 1;
     // The CPUs this process may run on (a container's limit), not every CPU of the machine.
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
@@ -453,8 +540,29 @@ int configured_workers() {
 Pool* g_pool = nullptr;
 std::once_flag g_atfork_once;
 
+#if PA_EMU_ASAN
+// A sanitizer report names the source line; this names the emulated thread it happened on.
+void report_emulated_thread() {
+    const Worker* w = t_worker;
+    if (!w || !w->info || !t_fiber) return;
+    std::fprintf(stderr, "pyalexnet emulator: the fault above is in kernel %s (launched at %s:%d), block %s, thread %s\n",
+                 w->info->name, w->info->file, w->info->line, fmt_idx(t_block_idx).c_str(), fmt_idx(t_fiber->idx).c_str());
+}
+#endif
+
 Pool& pool() {
-    std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; }); });
+    std::call_once(g_atfork_once, [] {
+        pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; });
+#if PA_EMU_ASAN
+        __sanitizer_set_death_callback(report_emulated_thread);
+        // GCC's UBSan runtime is a library of its own, with its own death callback: register there too.
+        if (void* ubsan = dlopen("libubsan.so.1", RTLD_NOW | RTLD_NOLOAD)) {
+            using SetCallback = void (*)(void (*)());
+            if (auto set = reinterpret_cast<SetCallback>(dlsym(ubsan, "__sanitizer_set_death_callback")))
+                set(report_emulated_thread);
+        }
+#endif
+    });
     static std::mutex* creating = new std::mutex;
     std::lock_guard<std::mutex> lk(*creating);
     if (!g_pool) g_pool = new Pool(configured_workers());
@@ -478,7 +586,8 @@ std::map<const void*, size_t>& optins() {
 // on the CUDA build.
 struct SymbolTable {
     std::map<uintptr_t, std::string> functions;  // offset in the module -> mangled name
-    std::map<std::string, std::pair<size_t, size_t>> tls_objects;  // mangled name -> (TLS offset, size)
+    // Function-local statics: mangled name -> (TLS offset or, for a plain static, address in the module; size).
+    std::map<std::string, std::pair<size_t, size_t>> tls_objects;
     bool loaded = false;
 };
 
@@ -502,7 +611,9 @@ SymbolTable read_symbols(const char* path) {
             const char* name = image.data() + strtab.sh_offset + syms[j].st_name;
             const int type = ELF64_ST_TYPE(syms[j].st_info);
             if (type == STT_FUNC && syms[j].st_value) table.functions[syms[j].st_value] = name;
-            if (type == STT_TLS) table.tls_objects[name] = {syms[j].st_value, syms[j].st_size};
+            const bool local_static = std::strncmp(name, "_ZZ", 3) == 0;
+            if (type == STT_TLS || (PA_EMU_ASAN && type == STT_OBJECT && local_static))
+                table.tls_objects[name] = {syms[j].st_value, syms[j].st_size};
         }
         table.loaded = true;
     }
@@ -512,6 +623,7 @@ SymbolTable read_symbols(const char* path) {
 struct StaticShared {
     long long bytes = -1;                              // -1: unknown (no symbol table)
     std::vector<std::pair<size_t, size_t>> objects;    // (TLS offset, size) of each __shared__ variable
+    unsigned char* module_base = nullptr;              // where plain statics (the ASan build) are
 };
 
 // The kernel's static shared memory, measured once and cached (map nodes never move, so the reference stays valid).
@@ -529,6 +641,7 @@ const StaticShared& static_shared(const void* kernel) {
         const SymbolTable& table = t->second;
         const uintptr_t offset = reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase);
         auto fn = table.functions.find(offset);
+        found.module_base = static_cast<unsigned char*>(info.dli_fbase);
         if (table.loaded && fn != table.functions.end() && fn->second.rfind("_Z", 0) == 0) {
             const std::string prefix = "_ZZ" + fn->second.substr(2) + "E";
             found.bytes = 0;
@@ -755,6 +868,7 @@ void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_b
     job.info = &info;
     job.body = &thread_body;
     job.static_shared = &shared.objects;
+    job.module_base = shared.module_base;
     job.nblocks = (long long)g.x * g.y * g.z;
     pool().run(job);
     if (job.failed) throw pa::KernelError(where + ", " + job.error);
