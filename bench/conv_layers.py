@@ -11,12 +11,10 @@ cannot measure and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
-from pyalexnet.bench import cuda_timer, identity, write_result
+from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, write_result
 
 from pyalexnet.architecture import CONV_LAYERS
 
@@ -83,15 +81,8 @@ def run(args) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
-    args = parser.parse_args()
-    import pyalexnet as pa
-
-    if pa.backend_name() != "cuda":
-        print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; run this on a GPU")
+    args = script_args(__doc__.splitlines()[0], iters=20)
+    if not gpu_present():
         return 0
     result = run(args)
     print(f"{result['card']}, batch {args.batch}, {result['precision']}, cuDNN {result['cudnn']}")

@@ -11,12 +11,10 @@ through autograd). Without a CUDA device it says so and exits 0: the emulator me
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
-from pyalexnet.bench import cuda_timer, identity, write_result
+from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, write_result
 
 # (op, layer, one image's input shape); the paper's hyperparameters (LRN 5/1e-4/0.75/2, pool 3/2, p = 0.5)
 CASES = [
@@ -108,15 +106,8 @@ def run(args) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
-    args = parser.parse_args()
-    import pyalexnet as pa
-
-    if pa.backend_name() != "cuda":
-        print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; run this on a GPU")
+    args = script_args(__doc__.splitlines()[0], iters=30)
+    if not gpu_present():
         return 0
     result = run(args)
     print(f"{result['card']}, copy bandwidth {result['copy_GBps']:.0f} GB/s, batch {args.batch}")

@@ -255,6 +255,23 @@ def identity(cp, torch) -> dict:
             "cudnn": None if torch is None else torch.backends.cudnn.version(), "pyalexnet": pa.__version__}
 
 
+def script_args(description: str, iters: int) -> argparse.Namespace:
+    """The options every bench/ script takes: --batch, --iters, --json."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
+    return parser.parse_args()
+
+
+def gpu_present() -> bool:
+    """True on the cuda backend; otherwise says that nothing can be measured here."""
+    if _backend.active.name == "cuda":
+        return True
+    print("no CUDA device here (pyalexnet runs on the CPU emulator): nothing to measure; run this on a GPU")
+    return False
+
+
 def write_result(result: dict, name: str, path: Path | None = None) -> Path:
     """bench/results/<date>-<card>-<commit>-<name>.json in the checkout being measured, unless `path` says."""
     root = Path(_git("rev-parse", "--show-toplevel") or ".")
