@@ -14,11 +14,11 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, write_result
+from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, torch_flags, write_result
 
-from pyalexnet.architecture import CONV_LAYERS
+from pyalexnet.architecture import named_conv_layers
 
-ALEXNET_LAYERS = [(f"{variant} {name}", *rest) for variant, layers in CONV_LAYERS.items() for name, *rest in layers]
+ALEXNET_LAYERS = named_conv_layers()
 
 
 def bench_layer(layer, batch, time_ms, torch) -> dict:
@@ -69,9 +69,7 @@ def run(args) -> dict:
     try:
         import torch
 
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
+        torch_flags(torch, "strict")
     except ImportError:
         torch = None
     time_ms = cuda_timer(cp, args.iters)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, write_result
+from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, torch_flags, write_result
 
 # (op, layer, one image's input shape); the paper's hyperparameters (LRN 5/1e-4/0.75/2, pool 3/2, p = 0.5)
 CASES = [
@@ -94,7 +94,7 @@ def run(args) -> dict:
     try:
         import torch
 
-        torch.backends.cudnn.benchmark = True
+        torch_flags(torch, "strict")
     except ImportError:
         torch = None
     time_ms = cuda_timer(cp, args.iters)

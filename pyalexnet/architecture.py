@@ -21,3 +21,8 @@ CONV_LAYERS = {
         ("conv5", 256, 13, 13, 256, 3, 1, 1, 1),
     ],
 }
+
+
+def named_conv_layers():
+    """Every conv layer of both variants, named "<variant> <layer>": what the tests and benchmarks iterate over."""
+    return [(f"{variant} {name}", *rest) for variant, layers in CONV_LAYERS.items() for name, *rest in layers]

@@ -86,7 +86,8 @@ class TrainStep:
         self.opt.step()
 
 
-def _torch_flags(torch, mode):
+def torch_flags(torch, mode):
+    """strict: TF32 off on both sides; default: PyTorch's defaults. cuDNN picks its fastest algorithms."""
     strict = mode == "strict"
     torch.backends.cudnn.allow_tf32 = not strict  # PyTorch's default is True for cuDNN convolutions
     torch.backends.cuda.matmul.allow_tf32 = False  # and False for matmuls, in both modes
@@ -140,7 +141,7 @@ def _whole_network(cp, torch, variant, batch, mode, time_ms, compare):
     row = {"variant": variant, "mode": mode, "batch": batch, "ms": ours, "images_per_s": batch / ours * 1e3,
            "tflops": flops / ours / 1e9}
     if compare and torch is not None:
-        _torch_flags(torch, mode)
+        torch_flags(torch, mode)
         model = torch_model(torch, net).cuda().train()
         topt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         txs, tys = [torch.as_tensor(x, device="cuda") for x in xs], [torch.as_tensor(y, device="cuda") for y in ys]
@@ -165,7 +166,7 @@ def _per_layer(cp, torch, variant, batch, time_ms, compare, peaks):
     net.forward(x0, train=True)  # fills the workspace: every layer's input and output at its shape
     ws, params, grads = net._ws, net.parameters(), net.gradients()
     if compare and torch is not None:
-        _torch_flags(torch, "strict")
+        torch_flags(torch, "strict")
         tlayers = model_layers(torch, torch_model(torch, net).cuda(), variant)
     rows = []
     for i, spec in enumerate(net.specs):

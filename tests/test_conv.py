@@ -7,11 +7,11 @@ from conftest import rel_err
 
 import pyalexnet as pa
 from pyalexnet import reference as R
-from pyalexnet.architecture import CONV_LAYERS
+from pyalexnet.architecture import named_conv_layers
 
 TOL = 1e-5
 
-ALEXNET_LAYERS = [(f"{variant} {name}", *rest) for variant, layers in CONV_LAYERS.items() for name, *rest in layers]
+ALEXNET_LAYERS = named_conv_layers()
 
 
 def _case(rng, n, c, h, w, k, r, s, groups, scale=None):
