@@ -181,7 +181,8 @@ def _per_layer(cp, torch, variant, batch, time_ms, compare, peaks):
             fwd = lambda: mod.conv_forward(a, w, b, out, s_, p_, groups, stream=stream())  # noqa: E731
             def bwd():
                 mod.conv_backward_filter(g, a, dw, db, s_, p_, groups, stream=stream())
-                mod.conv_backward_data(g, w, dx, s_, p_, groups, stream=stream())
+                if dx is not None:  # conv1: training needs no gradient of the images, and has no buffer for one
+                    mod.conv_backward_data(g, w, dx, s_, p_, groups, stream=stream())
         elif kind == "linear":
             name = spec[1]
             w, b, dw, db = params[f"{name}.weight"], params[f"{name}.bias"], grads[f"{name}.weight"], grads[f"{name}.bias"]
@@ -216,7 +217,7 @@ def _per_layer(cp, torch, variant, batch, time_ms, compare, peaks):
             with torch.no_grad():
                 row["torch_forward_ms"] = time_ms(lambda _: layer(ta))
             tout = layer(ta)
-            wrt = [ta, *layer.parameters()]
+            wrt = [*layer.parameters()] if i == 0 else [ta, *layer.parameters()]  # as ours: no image gradient
             row["torch_backward_ms"] = time_ms(lambda _: torch.autograd.grad(tout, wrt, tg, retain_graph=True))
             if kind == "linear":
                 wt = w.T
