@@ -72,7 +72,8 @@ Array array_arg(py::handle obj, const char* name, const std::string& dtypes, boo
     for (py::handle d : py::tuple(iface["shape"])) {
         a.shape.push_back(d.cast<int64_t>());
         if (a.shape.back() < 0) throw py::value_error(std::string(name) + ": negative dimension in " + shape_str(a.shape));
-        a.size *= a.shape.back();
+        if (__builtin_mul_overflow(a.size, a.shape.back(), &a.size))
+            throw py::value_error(std::string(name) + ": the shape " + shape_str(a.shape) + " has more than 2^63 elements");
     }
     const py::object strides = iface.contains("strides") ? py::object(iface["strides"]) : py::object(py::none());
     if (!strides.is_none() && a.size > 0) {
@@ -143,6 +144,11 @@ int int_dim(int64_t v, const char* what) {
     return int(v);
 }
 
+// For the ops that index with 32-bit ints: every tensor's element count, not only each dimension, must fit.
+void index32(std::initializer_list<std::pair<const Array*, const char*>> arrays) {
+    for (const auto& [a, name] : arrays) int_dim(a->size, (std::string(name) + "'s element count").c_str());
+}
+
 float* f32(const Array& a) { return static_cast<float*>(a.data); }
 
 pa::Stream stream_arg(uintptr_t s) { return reinterpret_cast<pa::Stream>(s); }
@@ -184,9 +190,10 @@ void sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b,
         expect_disjoint({{ac, "c"}}, {{abias, "bias"}});
         pbias = f32(abias);
     }
-    expect_disjoint({{ac, "c"}}, {{aa, "a"}, {ab, "b"}});
+    index32({{&aa, "a"}, {&ab, "b"}, {&ac, "c"}});
     const int m = int_dim(M, "M"), n = int_dim(N, "N"), k = int_dim(K, "K");
     const int lda = int_dim(aa.shape[1], "lda"), ldb = int_dim(ab.shape[1], "ldb");
+    expect_disjoint({{ac, "c"}}, {{aa, "a"}, {ab, "b"}});
     py::gil_scoped_release nogil;
     pa::sgemm(trans_a, trans_b, m, n, k, alpha, f32(aa), lda, f32(ab), ldb, beta, f32(ac), n, pbias, stream_arg(stream));
 }
@@ -206,8 +213,9 @@ void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uint
         expect_disjoint({{ay, "y"}}, {{ab, "b"}});
         pb = f32(ab);
     }
-    expect_disjoint({{ay, "y"}}, {{ax, "x"}, {aw, "w"}});
+    index32({{&ax, "x"}, {&aw, "w"}, {&ay, "y"}});
     const int nb = int_dim(batch, "batch"), ni = int_dim(in, "in_features"), no = int_dim(out, "out_features");
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}, {aw, "w"}});
     py::gil_scoped_release nogil;
     pa::linear_forward(f32(ax), f32(aw), pb, f32(ay), nb, ni, no, stream_arg(stream));
 }
@@ -225,8 +233,9 @@ void linear_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, p
     expect_shape(adx, "dx", {batch, in});
     expect_shape(adw, "dw", {out, in});
     expect_shape(adb, "db", {out});
-    expect_disjoint({{adx, "dx"}, {adw, "dw"}, {adb, "db"}}, {{ady, "dy"}, {ax, "x"}, {aw, "w"}});
+    index32({{&ady, "dy"}, {&ax, "x"}, {&aw, "w"}});
     const int nb = int_dim(batch, "batch"), ni = int_dim(in, "in_features"), no = int_dim(out, "out_features");
+    expect_disjoint({{adx, "dx"}, {adw, "dw"}, {adb, "db"}}, {{ady, "dy"}, {ax, "x"}, {aw, "w"}});
     py::gil_scoped_release nogil;
     pa::linear_backward(f32(ady), f32(ax), f32(aw), f32(adx), f32(adw), f32(adb), nb, ni, no, stream_arg(stream));
 }
@@ -245,8 +254,9 @@ void softmax_xent(py::handle logits, py::handle labels, py::handle dlogits, py::
     expect_shape(ad, "dlogits", al.shape);
     expect_shape(ar, "row_loss", {batch});
     expect_shape(ares, "result", {2});
-    expect_disjoint({{ad, "dlogits"}, {ar, "row_loss"}, {ares, "result"}}, {{al, "logits"}, {alab, "labels"}});
+    index32({{&al, "logits"}});
     const int nb = int_dim(batch, "batch"), nc = int_dim(classes, "classes");
+    expect_disjoint({{ad, "dlogits"}, {ar, "row_loss"}, {ares, "result"}}, {{al, "logits"}, {alab, "labels"}});
     py::gil_scoped_release nogil;
     pa::softmax_xent(f32(al), alab.data, int64, f32(ad), f32(ar), f32(ares), nb, nc, stream_arg(stream));
 }
@@ -522,6 +532,16 @@ void selftest_exited_lanes(py::handle x, py::handle out, uintptr_t stream) {
     pa::selftest_exited_lanes(f32(ax), f32(aout), stream_arg(stream));
 }
 
+void selftest_index64(py::handle x, py::handle y, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    expect_rank(ax, "x", 1);
+    expect_shape(ay, "y", ax.shape);
+    if (ax.size < 1) throw py::value_error("x: expected at least one element");
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}}, false);
+    py::gil_scoped_release nogil;
+    pa::selftest_index64(f32(ax), f32(ay), int_dim(ax.size, "n"), stream_arg(stream));
+}
+
 void selftest_uninitialised_shared(py::handle out, uintptr_t stream) {
     const Array aout = array_arg(out, "out", "f4", true);
     expect_shape(aout, "out", {128});
@@ -571,6 +591,8 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("worker_count", &pa_emu::worker_count, "Worker threads of the emulator (PYALEXNET_EMU_WORKERS).");
 #if defined(__SANITIZE_ADDRESS__)
     m.attr("sanitizer") = "address,undefined";
+#elif defined(PA_EMU_RACECHECK)
+    m.attr("sanitizer") = "race";
 #else
     m.attr("sanitizer") = py::none();
 #endif
@@ -618,4 +640,5 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("selftest_exited_lanes", &selftest_exited_lanes, py::arg("x"), py::arg("out"), s);
     m.def("selftest_uninitialised_shared", &selftest_uninitialised_shared, py::arg("out"), s);
     m.def("selftest_static_shared_bytes", &pa::selftest_static_shared_bytes);
+    m.def("selftest_index64", &selftest_index64, py::arg("x"), py::arg("y"), s);
 }

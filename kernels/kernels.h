@@ -82,5 +82,6 @@ void selftest_uninitialised_shared(float* out, Stream stream);         // out: 1
 void selftest_planted(const char* fault, float* scratch, Stream stream);
 // The static shared memory of selftest_tiled_gemm's kernel as the backend measures it (ptxas says 2112 B).
 long long selftest_static_shared_bytes();
+void selftest_index64(const float* x, float* y, int n, Stream stream);  // y = 2 x, indexed from 2^32 + 3
 
 }  // namespace pa

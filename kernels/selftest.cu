@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common.cuh"
+#include "elementwise.cuh"
 #include "kernels.h"
 
 namespace pa {
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(256) selftest_atomics_kernel(const int* x, int
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         atomicAdd(&counters[0], x[i]);
         atomicMax(&counters[1], x[i]);
-        int seen = counters[2], prev;
+        int seen = atomicAdd(&counters[2], 0), prev;  // an atomic read: a plain one would race with the CAS
         do {
             prev = seen;
             seen = atomicCAS(&counters[2], prev, prev + 1);
@@ -146,6 +147,25 @@ __global__ void selftest_uninitialised_shared_kernel(float* out) {
 
 void selftest_uninitialised_shared(float* out, Stream stream) {
     PA_LAUNCH(selftest_uninitialised_shared_kernel, 2, 32, 32 * sizeof(float), as_stream(stream), out);
+}
+
+// ---- 64-bit offsets: the elementwise map at element indices past 2^32 -----------------------------------------
+// Proves without allocating 16 GB that the map's index arithmetic is 64-bit: the kernel runs over indices
+// [2^32 + 3, 2^32 + 3 + n) of arrays based 2^32 + 3 elements before the real buffers, so it touches exactly the
+// n real elements, and only if no index is truncated to 32 bits (a truncated one lands 16 GB away and faults, or
+// an ASan report). The ops that index with 32-bit ints refuse such sizes instead (pyalexnet/_checks.index32).
+struct SelftestTimesTwo {
+    __device__ __forceinline__ float operator()(float a, float) const { return 2.0f * a; }
+};
+
+void selftest_index64(const float* x, float* y, int n, Stream stream) {
+    const int64_t offset = (int64_t(1) << 32) + 3;
+    // Pointer arithmetic far outside the buffers, as integers, so the compiler cannot reason about it.
+    const auto shift = [offset](const float* p) {
+        return reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(p) - uintptr_t(offset) * sizeof(float));
+    };
+    PA_LAUNCH((map2_scalar<SelftestTimesTwo>), ceil_div(n, 256), 256, 0, as_stream(stream), shift(x), shift(x), shift(y),
+              offset, offset + n, SelftestTimesTwo{});
 }
 
 // ---- planted faults ------------------------------------------------------------------------------------------
@@ -236,6 +256,51 @@ __global__ void planted_misaligned_float4(float* s) {
 }
 #endif
 
+// Races: right answers in the plain emulator (its fibers run in order) and wrong ones, sometimes, on a GPU. Only
+// the race-check build sees them. Each is a pair: the bug, and the same kernel made correct (a control that must
+// pass the checker, so it cannot pass by reporting everything). 64 threads: two warps.
+#if !defined(__CUDACC__)
+template <bool BARRIER>
+__global__ void planted_race_block_shared(float* s) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    tile[t] = s[t];
+    if (BARRIER) __syncthreads();
+    s[64 + t] = tile[63 - t];  // thread t reads what thread 63 - t wrote, in the other warp
+}
+
+template <bool SYNCWARP>
+__global__ void planted_race_warp_shared(float* s) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    tile[t] = s[t];
+    if (SYNCWARP) __syncwarp();
+    s[64 + t] = tile[t ^ 1];  // a neighbour in the same warp
+}
+
+// The classic tiled-loop bug: without the second barrier, a fast thread overwrites the tile of the next
+// iteration while a slow one still reads this iteration's.
+template <bool SECOND_BARRIER>
+__global__ void planted_race_reused_tile(float* s) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    float acc = 0.0f;
+    for (int it = 0; it < 2; ++it) {
+        tile[t] = s[64 * it + t];
+        __syncthreads();
+        acc += tile[63 - t];
+        if (SECOND_BARRIER) __syncthreads();
+    }
+    s[128 + t] = acc;
+}
+
+template <bool OWN_SLOT>
+__global__ void planted_race_between_blocks(float* s) {
+    // Every block writes the same 64 floats; the correct version gives each block its own.
+    s[(OWN_SLOT ? 64 * blockIdx.x : 0) + threadIdx.x] = float(blockIdx.x);
+}
+#endif
+
 long long selftest_static_shared_bytes() { return static_shared_bytes(selftest_tiled_gemm_kernel<16>); }
 
 void selftest_planted(const char* fault, float* s, Stream stream) {
@@ -255,6 +320,14 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
 #if !defined(__CUDACC__)
     else if (f == "static_shared_over_limit") PA_LAUNCH(planted_static_shared, 1, 32, 0, st, s);
     else if (f == "stack_overflow") PA_LAUNCH(planted_stack_overflow, 1, 8, 0, st, s);
+    else if (f == "race_missing_syncthreads") PA_LAUNCH(planted_race_block_shared<false>, 1, 64, 0, st, s);
+    else if (f == "race_control_syncthreads") PA_LAUNCH(planted_race_block_shared<true>, 1, 64, 0, st, s);
+    else if (f == "race_missing_syncwarp") PA_LAUNCH(planted_race_warp_shared<false>, 1, 64, 0, st, s);
+    else if (f == "race_control_syncwarp") PA_LAUNCH(planted_race_warp_shared<true>, 1, 64, 0, st, s);
+    else if (f == "race_missing_second_barrier") PA_LAUNCH(planted_race_reused_tile<false>, 1, 64, 0, st, s);
+    else if (f == "race_control_second_barrier") PA_LAUNCH(planted_race_reused_tile<true>, 1, 64, 0, st, s);
+    else if (f == "race_between_blocks") PA_LAUNCH(planted_race_between_blocks<false>, 4, 64, 0, st, s);
+    else if (f == "race_control_between_blocks") PA_LAUNCH(planted_race_between_blocks<true>, 4, 64, 0, st, s);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
     else if (f == "global_overflow") PA_LAUNCH(planted_global_overflow, 1, 32, 0, st, s);

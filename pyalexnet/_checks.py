@@ -82,6 +82,22 @@ def array(a, name: str, *, dtype=np.float32, ndim: int | None = None):
     return a
 
 
+# Index arithmetic. GEMM, linear, convolution and softmax index with 32-bit ints (cheaper address arithmetic in
+# their inner loops, and no AlexNet tensor comes near the limit); ReLU, LRN, pooling, dropout and SGD use 64-bit
+# offsets. An op of the first kind refuses any tensor past this many elements (the margin keeps grid-stride
+# counters from overflowing); the bindings enforce the same limit, and so do the kernels' own callers.
+INDEX32_LIMIT = 2**31 - 1 - 4096
+
+
+def index32(shape, name: str) -> None:
+    count = math.prod(int(d) for d in shape)
+    if count > INDEX32_LIMIT:
+        raise ValueError(
+            f"{name}: {count} elements (shape {tuple(int(d) for d in shape)}) exceed {INDEX32_LIMIT}, the most "
+            "this op indexes with 32-bit integers; split the batch"
+        )
+
+
 def same_shape(a, name: str, shape) -> None:
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")

@@ -67,6 +67,11 @@ def _conv_args(x, w, stride, padding, groups):
     if h + 2 * padding < r or wd + 2 * padding < s:
         raise ValueError(f"w: a {r}x{s} kernel is larger than the {h + 2 * padding}x{wd + 2 * padding} padded input")
     out = (n, k, (h + 2 * padding - r) // stride + 1, (wd + 2 * padding - s) // stride + 1)
+    check.index32(x.shape, "x")
+    check.index32(w.shape, "w")
+    check.index32(out, "the output")
+    check.index32((h + 2 * padding,), "the padded height")
+    check.index32((wd + 2 * padding,), "the padded width")
     return x, w, stride, padding, groups, out
 
 
@@ -107,6 +112,9 @@ def _linear_shapes(x, w, b=None):
     if b is not None:
         b = check.array(b, "b", ndim=1)
         check.same_shape(b, "b", (w.shape[0],))
+    check.index32(x.shape, "x")
+    check.index32(w.shape, "w")
+    check.index32((x.shape[0], w.shape[0]), "the output")
     return x, w, b
 
 
@@ -142,6 +150,7 @@ def softmax_cross_entropy(logits, labels):
     if batch < 1 or classes < 1:
         raise ValueError(f"logits: expected shape (batch >= 1, classes >= 1), got {tuple(logits.shape)}")
     check.same_shape(labels, "labels", (batch,))
+    check.index32(logits.shape, "logits")
     dlogits = _empty(logits.shape)
     row_loss = _empty((batch,))
     result = _empty((2,))

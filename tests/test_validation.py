@@ -220,5 +220,5 @@ def test_sizes_beyond_32_bit_indexing_are_refused_before_any_allocation():
         return obj
 
     x, w, y = fake((2**31, 1), 1 << 44), fake((1, 1), 1 << 45), fake((2**31, 1), 1 << 46)
-    with pytest.raises(ValueError, match=r"batch = 2147483648 exceeds"):
+    with pytest.raises(ValueError, match=r"x's element count = 2147483648 exceeds"):
         mod.linear_forward(x, w, None, y)

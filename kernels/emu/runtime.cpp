@@ -48,6 +48,15 @@
 #define PA_EMU_ASAN 0
 #endif
 
+// The race-check build (-DPYALEXNET_EMU_RACECHECK=ON, see racecheck.h): every fiber carries its race-check
+// identity, barriers and warp collectives advance it, and one worker runs every block.
+#if defined(PA_EMU_RACECHECK)
+#include "racecheck.h"
+#define PA_EMU_RACE 1
+#else
+#define PA_EMU_RACE 0
+#endif
+
 namespace pa_emu {
 
 __thread const uint3* t_thread_idx = nullptr;
@@ -96,6 +105,9 @@ struct Fiber {
 #if PA_EMU_ASAN
     void* fake_stack = nullptr;      // ASan's bookkeeping while the fiber is switched out
     const void* bottom = nullptr;
+#endif
+#if PA_EMU_RACE
+    race::Who who;
 #endif
 };
 
@@ -380,7 +392,12 @@ void resolve_stall(Worker& w) {
             return;
         }
     }
-    for (int i = 0; i < n; ++i) w.fibers[i].state = State::Runnable;
+    for (int i = 0; i < n; ++i) {
+        w.fibers[i].state = State::Runnable;
+#if PA_EMU_RACE
+        ++w.fibers[i].who.epoch;  // everything before the barrier happened before everything after it
+#endif
+    }
 }
 
 void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<size_t, size_t>>& static_shared,
@@ -406,8 +423,21 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
         f.linear = i;
         f.state = State::Runnable;
         f.group = nullptr;
+#if PA_EMU_RACE
+        f.who = race::Who{uint32_t(linear_block), uint32_t(i), 0, 0};
+#endif
         start_fiber(w, f, i);
     }
+#if PA_EMU_RACE
+    race::BlockMemory memory;
+    memory.stacks_begin = w.stacks;
+    memory.stacks_end = w.stacks + kMaxThreadsPerBlock * kStackBytes;
+    memory.shared.emplace_back(t_dynamic_shared, w.dynamic_guard);
+    if (static_base)
+        for (const auto& [offset, bytes] : static_shared)
+            memory.shared.emplace_back(static_base + offset, static_base + offset + bytes);
+    race::begin_block(memory);
+#endif
     for (auto& warp : w.groups)
         for (auto& grp : warp) grp.in_use = false;
     w.error.clear();
@@ -419,7 +449,13 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
             ran = true;
             t_fiber = &f;
             t_thread_idx = &f.idx;
+#if PA_EMU_RACE
+            race::t_who = &f.who;
+#endif
             resume(w, f);
+#if PA_EMU_RACE
+            race::t_who = nullptr;
+#endif
             if (!w.canary_intact(i)) {
                 // The overflow ran into the stacks below this one: every canary is suspect, so renew them all.
                 for (unsigned j = 0; j < kMaxThreadsPerBlock; ++j) w.write_canary(int(j));
@@ -523,11 +559,12 @@ int configured_workers() {
     if (const char* s = std::getenv("PYALEXNET_EMU_WORKERS")) {
         char* end = nullptr;
         const long v = std::strtol(s, &end, 10);
-        // The ASan build's static shared memory is one plain `static` per kernel: one block at a time.
-        if (end != s && *end == '\0' && v >= 1 && v <= 1024) return PA_EMU_ASAN ? 1 : int(v);
+        // The ASan build's static shared memory is one plain `static` per kernel, and the race checker's shadow
+        // memory has no locks: one block at a time.
+        if (end != s && *end == '\0' && v >= 1 && v <= 1024) return PA_EMU_ASAN || PA_EMU_RACE ? 1 : int(v);
         throw pa::KernelError("PYALEXNET_EMU_WORKERS must be an integer in [1, 1024], got '" + std::string(s) + "'");
     }
-    if (PA_EMU_ASAN) return 1;
+    if (PA_EMU_ASAN || PA_EMU_RACE) return 1;
     // The CPUs this process may run on (a container's limit), not every CPU of the machine.
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
@@ -690,6 +727,9 @@ void set_max_dynamic_shared(const void* kernel, size_t bytes) {
 
 // ---- what kernel code calls ----------------------------------------------------------------------------------
 void syncthreads(const char* file, int line) {
+#if PA_EMU_RACE
+    const race::Pause runtime_code;
+#endif
     Fiber& f = *t_fiber;
     f.state = State::AtBarrier;
     f.file = file;
@@ -750,6 +790,14 @@ void complete(Worker& w, Group& g, int warp) {
             }
         }
     }
+#if PA_EMU_RACE
+    // The participants synchronise: each lane's clock moves past every participant's.
+    uint32_t clock = 0;
+    for (int lane = 0; lane < 32; ++lane)
+        if (g.arrived >> lane & 1u) clock = std::max(clock, w.fibers[warp * 32 + lane].who.wclock);
+    for (int lane = 0; lane < 32; ++lane)
+        if (g.arrived >> lane & 1u) w.fibers[warp * 32 + lane].who.wclock = clock + 1;
+#endif
     for (int lane = 0; lane < 32; ++lane) {
         Fiber& f = w.fibers[warp * 32 + lane];
         if ((g.arrived >> lane & 1u) && f.state == State::InCollective && f.group == &g) f.state = State::Runnable;
@@ -770,6 +818,9 @@ void lane_exited(Worker& w, Fiber& f) {
 }  // namespace
 
 uint64_t warp_collective(Collective kind, const char* file, int line, unsigned mask, uint64_t value, int arg, int width) {
+#if PA_EMU_RACE
+    const race::Pause runtime_code;
+#endif
     Worker& w = *t_worker;
     Fiber& f = *t_fiber;
     const int lane = f.linear % 32, warp = f.linear / 32;
@@ -870,7 +921,14 @@ void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_b
     job.static_shared = &shared.objects;
     job.module_base = shared.module_base;
     job.nblocks = (long long)g.x * g.y * g.z;
+#if PA_EMU_RACE
+    race::begin_launch(info);
     pool().run(job);
+    const std::string race_report = race::end_launch();
+    if (!job.failed && !race_report.empty()) throw pa::KernelError(where + ", " + race_report);
+#else
+    pool().run(job);
+#endif
     if (job.failed) throw pa::KernelError(where + ", " + job.error);
 }
 

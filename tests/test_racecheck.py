@@ -1,0 +1,84 @@
+"""The race-check build of the emulator catches the races it exists to catch, and only those.
+
+`.ci/run` builds the emulator with -DPYALEXNET_EMU_RACECHECK=ON (kernel sources under -fsanitize=thread, the
+__tsan_* hooks in kernels/emu/racecheck.cpp), runs the kernel tests against it (any race is a KernelError, so
+they fail), then this file. In any other build these tests skip: there the planted races give right answers,
+because the emulator's fibers run one after another.
+"""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import pyalexnet as pa
+
+mod = pa._backend.active.module
+pytestmark = pytest.mark.skipif(getattr(mod, "sanitizer", None) != "race",
+                                reason="needs the race-check build (-DPYALEXNET_EMU_RACECHECK=ON; see .ci/run)")
+
+# fault -> (memory, what the later thread does, its thread and block, the earlier thread, the line's text)
+RACES = {
+    # Thread 31 reads tile[32] first; thread 32, in the next warp, writes it later.
+    "race_missing_syncthreads": ("shared", "writes", "thread (32,0,0) of block (0,0,0)",
+                                 "thread (31,0,0) of block (0,0,0)", "tile[t] = s[t];"),
+    "race_missing_syncwarp": ("shared", "writes", "thread (1,0,0) of block (0,0,0)",
+                              "thread (0,0,0) of block (0,0,0)", "tile[t] = s[t];"),
+    # After the first barrier thread 31 reads, then (no second barrier) writes the next tile, which thread 32
+    # then reads for this iteration.
+    "race_missing_second_barrier": ("shared", "reads", "thread (32,0,0) of block (0,0,0)",
+                                    "thread (31,0,0) of block (0,0,0)", "acc += tile[63 - t];"),
+    "race_between_blocks": ("global", "writes", "thread (0,0,0) of block (1,0,0)",
+                            "thread (0,0,0) of block (0,0,0)", "s[(OWN_SLOT"),
+}
+
+
+def _source_line(report_site):
+    path, line = report_site.rsplit(":", 1)
+    with open(path) as f:  # the report's paths are relative to the repository root (the current directory)
+        return f.read().splitlines()[int(line) - 1]
+
+
+@pytest.mark.parametrize("fault", sorted(RACES))
+def test_planted_race_is_reported(fault, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    memory, verb, later, earlier, text = RACES[fault]
+    scratch = np.arange(1024, dtype=np.float32)
+    with pytest.raises(pa.KernelError) as info:
+        mod.selftest_planted(fault, scratch)
+    msg = str(info.value)
+    assert "kernel planted_race_" in msg and "launched at kernels/selftest.cu:" in msg, msg
+    assert f"data race on {memory} memory" in msg, msg
+    assert f"{later} {verb} at kernels/selftest.cu:" in msg, msg
+    assert f"after {earlier} " in msg, msg
+    sites = re.findall(r"at (kernels/selftest\.cu:\d+)", msg)
+    assert len(sites) == 3, msg  # the launch, this access, the earlier access
+    assert text in _source_line(sites[1]), (sites[1], _source_line(sites[1]))
+
+
+@pytest.mark.parametrize("control", ["race_control_syncthreads", "race_control_syncwarp",
+                                     "race_control_second_barrier", "race_control_between_blocks"])
+def test_the_corrected_kernel_is_not_reported(control):
+    scratch = np.arange(1024, dtype=np.float32)
+    mod.selftest_planted(control, scratch)  # raises KernelError on any report
+    if control == "race_control_between_blocks":
+        np.testing.assert_array_equal(scratch[:256], np.repeat(np.arange(4, dtype=np.float32), 64))
+    elif control == "race_control_second_barrier":
+        x = np.arange(128, dtype=np.float32)
+        np.testing.assert_array_equal(scratch[128:192], x[63::-1] + x[:63:-1])
+    elif control == "race_control_syncthreads":
+        np.testing.assert_array_equal(scratch[64:128], np.arange(64, dtype=np.float32)[::-1])
+    else:
+        np.testing.assert_array_equal(scratch[64:128], np.arange(64, dtype=np.float32)[np.arange(64) ^ 1])
+
+
+def test_a_race_does_not_poison_the_next_launch():
+    scratch = np.arange(1024, dtype=np.float32)
+    with pytest.raises(pa.KernelError, match="data race"):
+        mod.selftest_planted("race_missing_syncthreads", scratch)
+    mod.selftest_planted("race_control_syncthreads", np.arange(1024, dtype=np.float32))
+
+
+def test_one_worker():
+    assert mod.worker_count() == 1
