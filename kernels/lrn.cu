@@ -49,7 +49,9 @@ struct SquareWindow {
         const float slid = sum + sq(c + half) - leaving;
         // Subtracting a square that dominated the window leaves its rounding error behind (even a negative
         // sum): then, and only then, sum the window afresh. Below this ratio the error stays under ~16 ulp.
-        sum = leaving > 16.0f * slid ? direct() : slid;
+        // Written so that NaN fails the test too: an inf or NaN leaving the window (inf - inf is NaN, and NaN
+        // never subtracts out) must not poison the channels after it.
+        sum = leaving <= 16.0f * slid ? slid : direct();
     }
 };
 
@@ -82,13 +84,22 @@ __global__ void __launch_bounds__(kLrnThreads)
     SquareWindow here(x + base, plane, C, half, 0);               // d at c
     SquareWindow entering(x + base, plane, C, half, half);        // d at c + half
     SquareWindow leaving(x + base, plane, C, half, -half - 1);    // d at c - half - 1
-    float spread = 0.0f;  // sum of term(j) over j in [c - half, c + half]
+    // The sum of term(j) over j in [c - half, c + half], summed directly (each d[j] from scratch): for a window
+    // that an inf or a NaN has left, which sliding cannot undo.
+    auto spread_direct = [&](int c) {
+        float s = 0.0f;
+        for (int j = c - half; j <= c + half; ++j) s += term(j, SquareWindow(x + base, plane, C, half, j).sum);
+        return s;
+    };
+    float spread = 0.0f;
     {
         SquareWindow w(x + base, plane, C, half, -half);
         for (int j = -half; j < half; ++j, w.step()) spread += term(j, w.sum);
     }
     for (int c = 0; c < C; ++c, here.step(), entering.step(), leaving.step()) {
-        spread += term(c + half, entering.sum) - term(c - half - 1, leaving.sum);
+        const float out = term(c - half - 1, leaving.sum);
+        spread += term(c + half, entering.sum) - out;
+        if (!(fabsf(out) <= 3.402823466e38f) || spread != spread) spread = spread_direct(c);  // non-finite left
         const int64_t i = base + c * plane;
         dx[i] = dy[i] * powf(k + alpha * here.sum, -beta) - 2.0f * alpha * beta * x[i] * spread;
     }
