@@ -532,6 +532,30 @@ void selftest_exited_lanes(py::handle x, py::handle out, uintptr_t stream) {
     pa::selftest_exited_lanes(f32(ax), f32(aout), stream_arg(stream));
 }
 
+void augment_batch(py::handle images, py::handle mean, py::handle params, py::handle shift, py::handle out, float scale,
+                   uintptr_t stream) {
+    const Array ai = array_arg(images, "images", "u1", false), am = array_arg(mean, "mean", "f4", false),
+                ap = array_arg(params, "params", "i4", false), as = array_arg(shift, "shift", "f4", false),
+                ao = array_arg(out, "out", "f4", true);
+    if (ai.shape.size() != 4 || ai.shape[3] != 3 || ai.shape[1] != ai.shape[2])
+        throw py::value_error("images: expected (batch, size, size, 3) uint8, got shape " + shape_str(ai.shape));
+    const int64_t batch = ai.shape[0], size = ai.shape[1];
+    if (ao.shape.size() != 4 || ao.shape[0] != batch || ao.shape[1] != 3 || ao.shape[2] != ao.shape[3])
+        throw py::value_error("out: expected (" + std::to_string(batch) + ", 3, crop, crop), got " + shape_str(ao.shape));
+    const int64_t crop = ao.shape[2];
+    if (crop < 1 || crop > size)
+        throw py::value_error("out: a crop of " + std::to_string(crop) + " does not fit images of " + std::to_string(size));
+    expect_shape(am, "mean", {size, size, 3});
+    expect_shape(ap, "params", {batch, 3});
+    expect_shape(as, "shift", {batch, 3});
+    if (!std::isfinite(scale)) throw py::value_error("scale: expected a finite value");
+    index32({{&ai, "images"}, {&ao, "out"}});
+    expect_disjoint({{ao, "out"}}, {{ai, "images"}, {am, "mean"}, {ap, "params"}, {as, "shift"}});
+    py::gil_scoped_release nogil;
+    pa::augment_batch(static_cast<const unsigned char*>(ai.data), f32(am), static_cast<const int*>(ap.data), f32(as),
+                      f32(ao), int(batch), int(size), int(crop), scale, stream_arg(stream));
+}
+
 void selftest_index64(py::handle x, py::handle y, uintptr_t stream) {
     const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
     expect_rank(ax, "x", 1);
@@ -632,6 +656,9 @@ PYBIND11_MODULE(PA_MODULE, m) {
           py::arg("seed"), s, "Inverted dropout with a Philox4x32-10 bit mask keyed by (seed, element index).");
     m.def("dropout_backward", &dropout_backward, py::arg("dy"), py::arg("mask"), py::arg("dx"), py::arg("p"), s,
           "dx = dy * mask / (1 - p).");
+    m.def("augment_batch", &augment_batch, py::arg("images"), py::arg("mean"), py::arg("params"), py::arg("shift"),
+          py::arg("out"), py::arg("scale"), s,
+          "Crop, flip, mean subtraction and PCA colour shift of a uint8 HWC batch into float32 NCHW.");
     m.def("selftest_tiled_gemm", &selftest_tiled_gemm, py::arg("a"), py::arg("b"), py::arg("c"), s);
     m.def("selftest_shuffle_sum", &selftest_shuffle_sum, py::arg("x"), py::arg("out"), py::arg("variant"), s);
     m.def("selftest_dynamic_shared", &selftest_dynamic_shared, py::arg("x"), py::arg("y"), py::arg("shared_floats"), s);

@@ -68,6 +68,12 @@ void dropout_forward(const float* x, float* y, unsigned* mask, int64_t n, unsign
                      unsigned keep_threshold, float scale, Stream stream);
 void dropout_backward(const float* dy, const unsigned* mask, float* dx, int64_t n, float scale, Stream stream);
 
+// augment.cu: a batch of stored uint8 HWC images (batch, size, size, 3) to float32 NCHW crops (batch, 3, crop,
+// crop): random crop and flip by params (batch, 3) int32 {oy, ox, flip}, minus the per-pixel mean (size, size, 3),
+// plus the PCA colour shift (batch, 3), times scale.
+void augment_batch(const unsigned char* images, const float* mean, const int* params, const float* shift, float* out,
+                   int batch, int size, int crop, float scale, Stream stream);
+
 // selftest.cu: small kernels that exercise the emulator (and run on the GPU too, except the planted faults).
 void selftest_tiled_gemm(const float* A, const float* B, float* C, int M, int N, int K, Stream stream);
 void selftest_shuffle_sum(const float* x, float* out, int n, int variant, Stream stream);

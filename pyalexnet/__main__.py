@@ -1,8 +1,15 @@
 """pyalexnet's command line.
 
-    pyalexnet info     which backend runs the kernels, and how
-    pyalexnet check    runs every kernel on the active backend against the float64 reference, prints the errors
-    pyalexnet bench    training throughput and per-layer times against PyTorch + cuDNN (see pyalexnet/bench.py)
+    pyalexnet info          which backend runs the kernels, and how
+    pyalexnet check         runs every kernel on the active backend against the float64 reference, prints the errors
+    pyalexnet bench         training throughput and per-layer times against PyTorch + cuDNN (see pyalexnet/bench.py)
+    pyalexnet demo-data OUT a small synthetic ImageFolder (ten classes of drawn shapes)
+    pyalexnet prepare SRC OUT   the paper's preprocessing into shards, the mean image and the colour PCA
+    pyalexnet train --data DIR  training as in the paper (pyalexnet/train.py)
+    pyalexnet eval --data DIR --weights CKPT     top-1 and top-5 error, centre crop and 10-crop
+    pyalexnet predict IMG... --weights CKPT      the top-5 classes of each image
+    pyalexnet show-filters --weights CKPT -o F   the first layer's kernels as an image (the paper's Figure 3)
+    pyalexnet demo DIR      demo-data, prepare, train and eval of a small network, end to end
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -117,6 +125,149 @@ def check() -> int:
     return 1 if failed else 0
 
 
+# The small-input configuration the demo trains (and the tests use): a quarter of AlexNet's widths on 67 x 67
+# crops of 80 x 80 images. Every layer is there, with the paper's kernel sizes and strides.
+DEMO = {"size": 80, "crop": 67, "width": 0.25, "batch_size": 32, "epochs": 8, "lr": 0.01, "scale": 1 / 64,
+        "init": "kaiming"}
+
+
+def _add_train_args(p):
+    p.add_argument("--data", required=True, help="a folder written by 'pyalexnet prepare'")
+    p.add_argument("--out", default="runs/alexnet", help="checkpoints, log.jsonl and curves.png (default: %(default)s)")
+    p.add_argument("--variant", choices=["paper", "torchvision"], default="paper")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["plateau", "step", "constant"], default="plateau",
+                   help="plateau: lr / 10 when the validation error stops improving, at most 3 times (the paper)")
+    p.add_argument("--step-every", type=int, default=30, help="epochs between lr / 10 for --schedule step")
+    p.add_argument("--width", type=float, default=1.0, help="scales every layer's channels (smaller networks)")
+    p.add_argument("--crop", type=int, default=None, help="the network's input size (default 227 paper, 224 tv)")
+    p.add_argument("--init", choices=["paper", "kaiming"], default="paper",
+                   help="paper: N(0, 0.01) weights, biases 1/0; kaiming: He's N(0, 2/fan_in), biases 0 (short runs)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the mean-subtracted 0-255 input")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and each epoch)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--resume", default=None, help="a checkpoint written by train (e.g. OUT/last.npz)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop, with a checkpoint, after this many steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args) -> int:
+    from .train import train
+
+    r = train(args.data, args.out, variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+              momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+              step_every=args.step_every, width=args.width, crop=args.crop, init=args.init, seed=args.seed,
+              scale=args.scale,
+              checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
+              max_steps=args.max_steps, progress=not args.no_progress)
+    print(f"{r['steps']} steps in {r['seconds']:.1f} s; checkpoints in {args.out}")
+    return 130 if r["stopped"] == "interrupted" else 0
+
+
+def _print_eval(result) -> None:
+    print(f"{result['images']} images")
+    print(f"centre crop: top-1 error {result['top1_error']:.4f}  top-5 error {result['top5_error']:.4f}  "
+          f"(accuracy {1 - result['top1_error']:.4f} / {1 - result['top5_error']:.4f})")
+    if "top1_error_10crop" in result:
+        print(f"10 crops:    top-1 error {result['top1_error_10crop']:.4f}  top-5 error "
+              f"{result['top5_error_10crop']:.4f}  (accuracy {1 - result['top1_error_10crop']:.4f} / "
+              f"{1 - result['top5_error_10crop']:.4f})")
+
+
+def _eval(args) -> int:
+    from .checkpoint import load
+    from .data import Dataset
+    from .train import evaluate
+
+    ck = load(args.weights)
+    scale = (ck.extra.get("train") or {}).get("scale", 1.0)
+    _print_eval(evaluate(ck.net, Dataset(args.data), args.split, args.batch_size, not args.no_ten_crop, scale,
+                         progress=not args.no_progress))
+    return 0
+
+
+def _predict(args) -> int:
+    from .train import predict
+
+    for path, top in predict(args.images, args.weights, args.data, args.top, args.ten_crop):
+        print(path)
+        for name, p in top:
+            print(f"  {p:7.4f}  {name}")
+    return 0
+
+
+def _show_filters(args) -> int:
+    from .train import filter_grid
+
+    filter_grid(args.weights, args.columns, args.zoom).save(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _prepare(args) -> int:
+    import logging
+
+    from .data import prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    t = time.perf_counter()
+    m = prepare(args.src, args.out, args.size, args.workers, args.shard_images, progress=not args.no_progress)
+    dt = time.perf_counter() - t
+    n = m["splits"]["train"]["count"] + m["splits"].get("val", {}).get("count", 0)
+    print(f"{m['splits']['train']['count']} training and {m['splits'].get('val', {}).get('count', 0)} validation "
+          f"images of {len(m['classes'])} classes in {args.out} ({len(m['skipped'])} skipped); {dt:.1f} s, "
+          f"{n / dt:.1f} images/s")
+    return 0
+
+
+def _demo_data(args) -> int:
+    from .demo import write_demo_data
+
+    r = write_demo_data(args.out, args.train_per_class, args.val_per_class, args.size, args.seed)
+    print(f"wrote {r['train']} training and {r['val']} validation images of {len(r['classes'])} classes to {args.out}")
+    return 0
+
+
+def _demo(args) -> int:
+    """demo-data, prepare, train and eval of the small configuration, each step timed."""
+    import logging
+
+    from .checkpoint import load
+    from .data import Dataset, prepare
+    from .demo import write_demo_data
+    from .train import evaluate, train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    root = Path(args.dir)
+    times = {}
+    t = time.perf_counter()
+    write_demo_data(root / "images", seed=args.seed)
+    times["demo-data"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prepare(root / "images", root / "prepared", size=DEMO["size"], progress=not args.no_progress)
+    times["prepare"] = time.perf_counter() - t
+    print(f"prepared {root / 'prepared'} in {times['prepare']:.1f} s")
+    t = time.perf_counter()
+    train(root / "prepared", root / "run", epochs=args.epochs, batch_size=DEMO["batch_size"], lr=DEMO["lr"],
+          schedule="plateau", width=DEMO["width"], crop=DEMO["crop"], init=DEMO["init"], seed=args.seed,
+          scale=DEMO["scale"],
+          checkpoint_every=10**9, progress=not args.no_progress)
+    times["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ck = load(root / "run" / "best.npz")
+    result = evaluate(ck.net, Dataset(root / "prepared"), "val", DEMO["batch_size"], True, DEMO["scale"])
+    times["eval"] = time.perf_counter() - t
+    _print_eval(result)
+    print("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f" (backend {pa.backend_name()})")
+    print(f"chance is a top-1 error of {1 - 1 / 10:.2f}; curves in {root / 'run' / 'curves.png'}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -128,8 +279,57 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="which backend runs the kernels")
     sub.add_parser("check", help="run every kernel against the float64 reference")
     sub.add_parser("bench", help="training throughput and per-layer times against PyTorch (pyalexnet bench --help)")
+    p = sub.add_parser("demo-data", help="write a small synthetic ImageFolder")
+    p.add_argument("out")
+    p.add_argument("--train-per-class", type=int, default=80)
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("prepare", help="preprocess an ImageNet-style folder into shards, mean and colour PCA")
+    p.add_argument("src", help="a folder with train/<class>/* and optionally val/")
+    p.add_argument("out")
+    p.add_argument("--size", type=int, default=256, help="the stored images' side (default: the paper's 256)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
+    p.add_argument("--shard-images", type=int, default=512, help="images per shard")
+    p.add_argument("--no-progress", action="store_true")
+    _add_train_args(sub.add_parser("train", help="train AlexNet on a prepared dataset"))
+    p = sub.add_parser("eval", help="top-1 / top-5 error of a checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-ten-crop", action="store_true", help="the centre crop only")
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("predict", help="the top classes of image files")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", default=None, help="the prepared dataset (default: the one the checkpoint names)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--ten-crop", action="store_true")
+    p = sub.add_parser("show-filters", help="the first layer's kernels as a PNG grid")
+    p.add_argument("--weights", required=True)
+    p.add_argument("-o", "--output", default="filters.png")
+    p.add_argument("--columns", type=int, default=12)
+    p.add_argument("--zoom", type=int, default=4)
+    p = sub.add_parser("demo", help="demo-data -> prepare -> train -> eval of a small network, timed")
+    p.add_argument("dir")
+    p.add_argument("--epochs", type=int, default=DEMO["epochs"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    return {"info": info, "check": check}[args.command]()
+    commands = {"info": lambda a: info(), "check": lambda a: check(), "demo-data": _demo_data, "prepare": _prepare,
+                "train": _train, "eval": _eval, "predict": _predict, "show-filters": _show_filters, "demo": _demo}
+    from .data import BadImage
+    from .train import TrainingDiverged
+
+    try:
+        return commands[args.command](args)
+    except TrainingDiverged as e:
+        print(f"pyalexnet {args.command}: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError, FileNotFoundError, BadImage) as e:
+        print(f"pyalexnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def save(path, net: AlexNet, optimizer: SGD | None = None, extra: dict | None = 
         "format": FORMAT,
         "version": VERSION,
         "net": {"variant": net.variant, "num_classes": net.num_classes, "seed": net.seed, "width": net.width,
-                "input_size": net.input_size, "dropout_calls": net.dropout_calls},
+                "input_size": net.input_size, "dropout_calls": net.dropout_calls, "init": net.init},
         "optimizer": None,
         "extra": extra,
     }
@@ -129,7 +129,8 @@ def load(path) -> Checkpoint:
 
 def _rebuild(arrays: dict, meta: dict) -> Checkpoint:
     cfg = meta["net"]
-    net = AlexNet(cfg["variant"], cfg["num_classes"], cfg["seed"], cfg["width"], cfg["input_size"])
+    net = AlexNet(cfg["variant"], cfg["num_classes"], cfg["seed"], cfg["width"], cfg["input_size"],
+                  cfg.get("init", "paper"))
     net.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
     net.dropout_calls = int(cfg["dropout_calls"])
     optimizer = None

@@ -78,8 +78,11 @@ class AlexNet:
     """
 
     def __init__(self, variant: str = "paper", num_classes: int = 1000, seed: int = 0, width: float = 1.0,
-                 input_size: int | None = None):
+                 input_size: int | None = None, init: str = "paper"):
         self.variant = variant
+        if init not in ("paper", "kaiming"):
+            raise ValueError(f"init: expected 'paper' or 'kaiming', got {init!r}")
+        self.init = init
         self.num_classes = check.positive_int(num_classes, "num_classes")
         self.seed = check.seed(seed)
         self.width = check.positive_finite(width, "width")
@@ -121,7 +124,9 @@ class AlexNet:
         return shapes
 
     def _initial_parameters(self):
-        """The paper's initialisation: weights N(0, 0.01^2), biases 1 or 0 (see layer_specs)."""
+        """init "paper": weights N(0, 0.01^2), biases 1 or 0 (see layer_specs), as section 5 says; it starts slowly
+        (the loss sits at ln(classes) for a while), which a 90-epoch ImageNet run absorbs and a short demo does not.
+        init "kaiming" (He et al. 2015): weights N(0, 2 / fan_in) (1 / fan_in for the last layer), biases 0."""
         rng = np.random.default_rng(self.seed)
         params = {}
         for spec, shape in zip(self.specs, self.shapes):
@@ -133,7 +138,12 @@ class AlexNet:
                 wshape = (out, shape[0])
             else:
                 continue
-            params[f"{name}.weight"] = (rng.standard_normal(wshape) * 0.01).astype(np.float32)
+            if self.init == "paper":
+                std = 0.01
+            else:
+                bias, last = 0.0, spec is self.specs[-1]
+                std = math.sqrt((1.0 if last else 2.0) / math.prod(wshape[1:]))
+            params[f"{name}.weight"] = (rng.standard_normal(wshape) * std).astype(np.float32)
             params[f"{name}.bias"] = np.full(out, bias, np.float32)
         xp = _backend.active.xp
         return {k: xp.asarray(v) for k, v in params.items()}

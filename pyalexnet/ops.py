@@ -273,5 +273,39 @@ def dropout_keep(mask, shape) -> np.ndarray:
     return np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool).reshape(shape)
 
 
+def augment_batch(images, mean, params, shift, crop, scale=1.0):
+    """The network's input from stored images, in one kernel (kernels/augment.cu): for each image b,
+    out[b, c, y, x] = scale * (images[b, oy + y, ox + x', c] - mean[oy + y, ox + x', c] + shift[b, c]),
+    x' = crop - 1 - x when flipped. images (B, S, S, 3) uint8; mean (S, S, 3) float32; params (B, 3) int
+    {oy, ox, flip} and shift (B, 3) float, host or backend arrays (params are checked on the host first);
+    returns (B, 3, crop, crop) float32. pyalexnet.data draws params and shift (train_draws, eval_draws)."""
+    crop = check.positive_int(crop, "crop")
+    scale = check.real(scale, "scale")
+    if not np.isfinite(scale):
+        raise ValueError(f"scale: expected a finite value, got {scale}")
+    images = check.array(images, "images", dtype=np.uint8, ndim=4)
+    b, size = images.shape[0], images.shape[1]
+    if images.shape[1:] != (size, size, 3):
+        raise ValueError(f"images: expected (batch, size, size, 3), got shape {tuple(images.shape)}")
+    if crop > size:
+        raise ValueError(f"crop: {crop} does not fit images of {size} x {size}")
+    mean = check.array(mean, "mean", ndim=3)
+    check.same_shape(mean, "mean", (size, size, 3))
+    host_params = np.asarray(to_host(params) if not isinstance(params, np.ndarray) else params)
+    if host_params.shape != (b, 3) or not np.issubdtype(host_params.dtype, np.integer):
+        raise ValueError(f"params: expected ({b}, 3) integers, got {host_params.dtype} {host_params.shape}")
+    if b and (host_params[:, :2].min() < 0 or host_params[:, :2].max() > size - crop
+              or not np.isin(host_params[:, 2], (0, 1)).all()):
+        raise ValueError(f"params: offsets must lie in [0, {size - crop}] and flips be 0 or 1")
+    host_shift = np.asarray(to_host(shift) if not isinstance(shift, np.ndarray) else shift, dtype=np.float32)
+    if host_shift.shape != (b, 3):
+        raise ValueError(f"shift: expected shape ({b}, 3), got {host_shift.shape}")
+    xp = _backend.active.xp
+    out = _empty((b, 3, crop, crop))
+    _call("augment_batch", images, mean, xp.asarray(host_params.astype(np.int32)), xp.asarray(host_shift), out,
+          float(scale))
+    return out
+
+
 def to_host(a) -> np.ndarray:
     return a.get() if _backend.active.name == "cuda" and not isinstance(a, np.ndarray) else np.asarray(a)

@@ -1,0 +1,173 @@
+"""The whole pipeline end to end on the emulator: demo-data -> prepare -> train -> eval / predict / show-filters,
+with the small-input configuration. Training must learn, resume exactly, stop cleanly on a NaN loss and on
+Ctrl-C, and leave a loadable checkpoint when killed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ON_CUDA
+
+import pyalexnet as pa
+from pyalexnet.__main__ import main
+from pyalexnet.demo import CLASSES, write_demo_data
+
+pytest.importorskip("PIL")
+
+SMALL = ["--width", "0.25", "--crop", "67", "--init", "kaiming", "--scale", "0.015625", "--batch-size", "16",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    write_demo_data(root / "images", train_per_class=24, val_per_class=6, size=72, seed=1)
+    assert main(["prepare", str(root / "images"), str(root / "data"), "--size", "72", "--no-progress",
+                 "--workers", "2", "--shard-images", "64"]) == 0
+    return root
+
+
+def _log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _params(ckpt):
+    return {k: pa.to_numpy(v) for k, v in pa.load(ckpt).net.parameters().items()}
+
+
+def test_training_learns_and_eval_beats_chance(prepared, capsys):
+    out = prepared / "run"
+    assert main(["train", "--data", str(prepared / "data"), "--out", str(out), "--epochs", "5", "--log-every", "3",
+                 *SMALL]) == 0
+    log = _log(out / "log.jsonl")
+    losses = [r["loss"] for r in log if r["kind"] == "step"]
+    assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:2]), losses
+    epochs = [r for r in log if r["kind"] == "epoch"]
+    assert len(epochs) == 5 and epochs[-1]["val_top1_error"] < 0.7  # chance: 0.9
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "best.npz").exists()
+    capsys.readouterr()
+    assert main(["eval", "--data", str(prepared / "data"), "--weights", str(out / "best.npz"), "--batch-size", "16",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    top1 = float(text.split("centre crop: top-1 error ")[1].split()[0])
+    top1_10 = float(text.split("10 crops:    top-1 error ")[1].split()[0])
+    assert top1 < 0.7 and top1_10 < 0.7, text
+    assert "60 images" in text
+
+
+def test_predict_and_show_filters(prepared, capsys, tmp_path):
+    ckpt = prepared / "run" / "best.npz"
+    if not ckpt.exists():
+        pytest.skip("needs the training test's checkpoint")
+    images = sorted((prepared / "images" / "val").glob("*.jpg"))[:3]
+    capsys.readouterr()
+    assert main(["predict", *map(str, images), "--weights", str(ckpt), "--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 * 4 and lines[0] == str(images[0])
+    probs = [float(line.split()[0]) for line in lines[1:4]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    assert lines[1].split()[1] in CLASSES
+    png = tmp_path / "filters.png"
+    assert main(["show-filters", "--weights", str(ckpt), "-o", str(png), "--columns", "6", "--zoom", "2"]) == 0
+    from PIL import Image
+
+    with Image.open(png) as im:  # 24 kernels of 11 x 11 on a 6-column grid, 1-pixel gaps, zoom 2
+        assert im.size == ((6 * 12 + 1) * 2, (4 * 12 + 1) * 2) and im.mode == "RGB"
+
+
+def test_resume_continues_exactly_where_it_stopped(prepared):
+    data = str(prepared / "data")
+    straight, split = prepared / "straight", prepared / "split"
+    common = ["--data", data, "--epochs", "2", "--log-every", "1", "--schedule", "step", "--step-every", "1", *SMALL]
+    assert main(["train", "--out", str(straight), *common]) == 0
+    # The same run, stopped mid-epoch (step 7 of 15) and resumed from its checkpoint.
+    assert main(["train", "--out", str(split), "--max-steps", "7", *common]) == 0
+    assert pa.load(split / "last.npz").extra["train"]["batch"] == 7
+    assert main(["train", "--out", str(split), "--resume", str(split / "last.npz"), *common]) == 0
+    a, b = _params(straight / "last.npz"), _params(split / "last.npz")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    losses = lambda p: [(r["step"], r["loss"]) for r in _log(p / "log.jsonl") if r["kind"] == "step"]  # noqa: E731
+    assert losses(straight) == losses(split)
+    ck = pa.load(split / "last.npz")
+    assert ck.optimizer.lr == pytest.approx(0.0001) and ck.optimizer.steps == 30
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(prepared, capsys):
+    out = prepared / "diverged"
+    code = main(["train", "--data", str(prepared / "data"), "--out", str(out), "--epochs", "3", "--lr", "1e6",
+                 "--checkpoint-every", "1", "--schedule", "constant", *SMALL])
+    assert code == 3
+    err = capsys.readouterr().err
+    # Either the loss turned NaN/inf, or an update made the weights so before the loss could show it.
+    assert ("the loss became" in err or "became inf or NaN" in err) and "last good checkpoint" in err, err
+    ck = pa.load(out / "last.npz")  # loadable, and from before the NaN
+    steps = ck.optimizer.steps
+    assert all(np.isfinite(pa.to_numpy(v)).all() for v in ck.net.parameters().values())
+    assert ck.extra["train"]["batch"] == steps
+    logged = [r["step"] for r in _log(out / "log.jsonl") if r["kind"] == "step"] if (out / "log.jsonl").exists() else []
+    assert all(s <= steps for s in logged)
+
+
+def _train_process(prepared, out, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "pyalexnet", "train", "--data", str(prepared / "data"), "--out",
+                             str(out), "--epochs", "50", "--log-every", "1", *SMALL, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=str(prepared))
+
+
+def _wait_for_steps(out, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("training made no progress")
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the same code on both backends; the emulator run is enough")
+def test_ctrl_c_writes_a_checkpoint_and_exits(prepared):
+    out = prepared / "interrupted"
+    proc = _train_process(prepared, out)
+    _wait_for_steps(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: checkpoint written" in stdout
+    ck = pa.load(out / "last.npz")
+    assert ck.optimizer.steps >= 3 and ck.extra["train"]["batch"] == ck.optimizer.steps % 15
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the same code on both backends; the emulator run is enough")
+@pytest.mark.parametrize("delay", [0.0, 0.13])
+def test_a_kill_while_checkpointing_every_step_leaves_a_loadable_checkpoint(prepared, delay):
+    out = prepared / f"killed-{delay}"
+    proc = _train_process(prepared, out, "--checkpoint-every", "1")
+    _wait_for_steps(out, 3, proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    ck = pa.load(out / "last.npz")  # whichever step's: whole
+    assert ck.optimizer.steps >= 2
+    leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) <= 1  # at most the write the kill interrupted, never a damaged last.npz
+
+
+def test_training_refuses_what_it_cannot_do(prepared, capsys):
+    data = str(prepared / "data")
+    assert main(["train", "--data", data, "--out", str(prepared / "x"), "--crop", "99", "--no-progress"]) == 2
+    assert "larger than the prepared images (72)" in capsys.readouterr().err
+    assert main(["train", "--data", str(prepared / "nothing"), "--out", str(prepared / "x")]) == 2
+    assert "run 'pyalexnet prepare" in capsys.readouterr().err
+    assert main(["eval", "--data", data, "--weights", str(prepared / "images" / "val" / "labels.txt")]) == 2
+    assert "not a readable pyalexnet checkpoint" in capsys.readouterr().err
