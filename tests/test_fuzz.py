@@ -398,6 +398,42 @@ def test_sgd_update(worker, shape, lr, momentum, weight_decay, kind, seed, how):
     judge("sgd_update", worker.call("sgd_update", w, dw, v, **hyper), valid, reference, ["w", "v"])
 
 
+@FUZZ
+@given(batch=st.integers(0, 4), size=st.integers(0, 12),
+       crop=st.one_of(st.integers(1, 12), sometimes_hostile(st.integers(1, 12))),
+       clamp=st.sampled_from([True, True, True, False]),
+       hostile_params=st.sampled_from([None] * 12 + ["negative", "past the edge", "flip 2", "huge"]),
+       scale=st.one_of(st.floats(-2, 2), st.floats(-2, 2), hostile_reals), seed=seeds,
+       how=st.sampled_from(["ok"] * 12 + ["float32"]))
+def test_augment_batch(worker, batch, size, crop, clamp, hostile_params, scale, seed, how):
+    from pyalexnet.data import augment_reference
+
+    if clamp and isinstance(crop, int) and 1 <= crop:
+        crop = min(crop, max(size, 1))  # mostly a crop that fits
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    if how == "float32":
+        images = images.astype(np.float32)
+    mean = (rng.random((size, size, 3)) * 255).astype(np.float32)
+    fits = isinstance(crop, int) and 1 <= crop <= size
+    room = size - crop if fits else 0
+    params = np.stack([rng.integers(0, room + 1, batch), rng.integers(0, room + 1, batch),
+                       rng.integers(0, 2, batch)], axis=1).astype(np.int32)
+    if hostile_params and batch:
+        params[rng.integers(batch)] = {"negative": (-1, 0, 0), "past the edge": (room + 1, 0, 0),
+                                       "flip 2": (0, 0, 2), "huge": (2**31 - 1, 0, 0)}[hostile_params]
+    shift = rng.normal(0, 5, (batch, 3)).astype(np.float32)
+    valid = how == "ok" and fits and batch >= 1 and not hostile_params and abs(scale) < 1e300
+    reply = worker.call("augment_batch", images, mean, params, shift, crop, scale)
+
+    def reference():
+        if not valid:
+            raise ValueError("not a valid call")
+        return [augment_reference(images, mean, params, shift, crop, scale)]
+
+    judge("augment_batch", reply, valid, reference, ["out"])
+
+
 def test_a_crash_in_the_worker_is_a_failure_not_a_dead_run(tmp_path):
     """The harness itself: a worker that dies mid-call fails the example with its stderr."""
     w = Worker(str(tmp_path))
