@@ -2,7 +2,8 @@
 photos of ImageNet's typical size, and how many images/s the background loader stages (shard reads, gathers and
 augmentation draws), to compare with the GPU's training rate: the loader must outrun it.
 
-    python bench/data_pipeline.py [--images 400] [--width 500 --height 375] [--workers 1 2] [--out DIR]
+    python bench/data_pipeline.py [--images 400] [--width 500 --height 375] [--workers 1 2] [--out FILE]
+                                  [--keep DIR]   (keep the prepared dataset there, e.g. for pyalexnet train)
 
 The photos are smooth random fields with noise, saved as JPEG quality 90 (about the entropy of real photos; pure
 noise would make JPEG decoding unrealistically slow). Prints one line per measurement and writes JSON to --out.
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, len(os.sched_getaffinity(0))])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="bench/out/data_pipeline.json")
+    p.add_argument("--keep", default=None, help="copy the last prepared dataset to this folder")
     args = p.parse_args(argv)
     results = {"images": args.images, "photo": [args.width, args.height], "cpus": len(os.sched_getaffinity(0)),
                "prepare": [], "loader": None}
@@ -69,6 +71,12 @@ def main(argv=None) -> int:
         results["loader"] = {"batch": batch, "images": staged, "seconds": dt, "images_per_s": staged / dt}
         print(f"loader: {staged / dt:.0f} images/s staged (batch {batch}, 256 x 256 uint8 from memory-mapped shards, "
               "one thread)")
+        del loader, ds
+        if args.keep:
+            import shutil
+
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.copytree(out, args.keep)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

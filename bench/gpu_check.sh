@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one-command check for a machine with a GPU: build, the whole test suite on the cuda backend,
-# compute-sanitizer (memcheck, racecheck, synccheck) over the kernel tests, and `pyalexnet bench`.
+# compute-sanitizer (memcheck, racecheck, synccheck) over the kernel tests, `pyalexnet bench`, and a short
+# training run from JPEG files through the whole data pipeline (prepare, loader, augmentation kernel).
 #
-#   bash bench/gpu_check.sh [--stage build|test|sanitize|bench|all] [--out DIR]
+#   bash bench/gpu_check.sh [--stage build|test|sanitize|bench|train|all] [--out DIR]
 #
 # Each stage fits in 10 minutes; where one command may run no longer, run the stages one per command (the
 # build first). Everything lands in DIR (default bench/out/gpu-check): summary.txt, one log per stage,
@@ -11,7 +12,7 @@
 # The build needs no network (pip --no-build-isolation: pybind11, CMake, ninja and setuptools must be there);
 # CUDAARCHS (default 90, the H100/H200) chooses what nvcc compiles for.
 set -uo pipefail
-usage() { echo "usage: $0 [--stage build|test|sanitize|bench|all] [--out DIR]" >&2; exit 2; }
+usage() { echo "usage: $0 [--stage build|test|sanitize|bench|train|all] [--out DIR]" >&2; exit 2; }
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 stage=all
 out="$repo/bench/out/gpu-check"
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 cd "$repo"
-case "$stage" in build|test|sanitize|bench|all) ;; *) echo "unknown stage '$stage'" >&2; exit 2 ;; esac
+case "$stage" in build|test|sanitize|bench|train|all) ;; *) echo "unknown stage '$stage'" >&2; exit 2 ;; esac
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 summary="$out/summary.txt"
@@ -43,7 +44,7 @@ run() {
 # Tests run from outside the checkout, so that `import pyalexnet` finds the installed package, not the sources.
 tests() { (cd "$out" && "$@"); }
 kernel_tests=("$repo/tests/test_ops.py" "$repo/tests/test_conv.py" "$repo/tests/test_lrn_pool_dropout.py"
-              "$repo/tests/test_emulator.py")
+              "$repo/tests/test_emulator.py" "$repo/tests/test_data.py")
 
 if [ "$stage" = build ] || [ "$stage" = all ]; then
     : > "$out/build.log"
@@ -70,6 +71,19 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
     : > "$out/bench.log"
     run bench "$out/bench.log" tests env PYALEXNET_BACKEND=cuda timeout 580 python -m pyalexnet bench \
         --checkout "$repo" --json "$out/bench.json"
+fi
+if [ "$stage" = train ] || [ "$stage" = all ]; then
+    : > "$out/train.log"
+    # 1280 ImageNet-sized JPEGs -> prepare (timed) -> 20 training steps of batch 128 at full size; the log's
+    # images/s says whether the loader and the augmentation kernel keep up with the network.
+    run data "$out/train.log" tests env PYALEXNET_BACKEND=cuda timeout 240 python "$repo/bench/data_pipeline.py" \
+        --images 1280 --workers 1 "$(nproc)" --keep "$out/photos" --out "$out/data_pipeline.json"
+    run train "$out/train.log" tests env PYALEXNET_BACKEND=cuda timeout 300 python -m pyalexnet train \
+        --data "$out/photos" --out "$out/train-run" --epochs 2 --batch-size 128 --schedule constant \
+        --log-every 2 --checkpoint-every 100000 --no-progress
+    tests python -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])]; \
+print('training images/s (every 2 steps):', [round(x['images_per_s']) for x in r if x['kind'] == 'step'])" \
+        "$out/train-run/log.jsonl" >> "$out/train.log" 2>&1 || true
 fi
 
 echo
