@@ -88,7 +88,7 @@ def _to_rgb(im):
         a = np.asarray(im, dtype=np.float64)
         top = a.max() if a.size and a.max() > 255 else 255.0
         return Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8)).convert("RGB")
-    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA"):
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("RGBA", "LA", "PA"):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent pixels become white
         return Image.alpha_composite(background, rgba).convert("RGB")
