@@ -294,6 +294,63 @@ __global__ void planted_race_reused_tile(float* s) {
     s[128 + t] = acc;
 }
 
+// The checker's own corner cases (each found wanting once): shared memory declared in a __device__ helper;
+// byte arrays; a collective of a subset of the warp; a reader that a later read by another warp would hide;
+// a plain store after many threads' atomics.
+__device__ float planted_helper_block_sum(float v) {
+    __shared__ float partial[64];  // the helper's own shared array, reused by every block on a worker
+    partial[threadIdx.x] = v;
+    __syncthreads();
+    float sum = 0.0f;
+    for (int i = 0; i < 64; ++i) sum += partial[i];
+    __syncthreads();
+    return sum;
+}
+
+__global__ void planted_race_control_helper_shared(float* s) {
+    s[64 * blockIdx.x + threadIdx.x] = planted_helper_block_sum(s[64 * blockIdx.x + threadIdx.x]);
+}
+
+template <bool ACROSS_BLOCKS>
+__global__ void planted_race_bytes(float* s) {
+    unsigned char* m = reinterpret_cast<unsigned char*>(s + 256);
+    const int t = threadIdx.x;
+    if (ACROSS_BLOCKS) {
+        m[t] = static_cast<unsigned char>(blockIdx.x);  // every block writes the same 64 bytes
+    } else {
+        const unsigned char v = m[t];  // each thread its own byte: no race, though 4 threads share each word
+        if (t % 2) m[t] = static_cast<unsigned char>(v + 1);
+    }
+}
+
+__global__ void planted_race_partial_syncwarp(float* s) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    if (t < 2) __syncwarp(0x3u);   // lanes 0 and 1 synchronise with each other, not with lane 2
+    if (t == 2) tile[0] = 1.0f;
+    if (t == 0) s[0] = tile[0];    // lane 0 reads what lane 2 wrote, after its collective with lane 1
+}
+
+__global__ void planted_race_hidden_reader(float* s) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    if (t == 0) tile[0] = 5.0f;
+    __syncthreads();
+    if (t == 32) s[1] = tile[0];   // warp 1 reads
+    if (t < 32) {
+        __syncwarp();
+        if (t == 0) s[2] = tile[0];  // warp 0 reads too: the last reader is now thread 0
+        __syncwarp();
+        if (t == 0) tile[0] = 6.0f;  // and writes, ordered after its own read but not after thread 32's
+    }
+}
+
+__global__ void planted_race_store_after_atomics(float* s) {
+    int* counter = reinterpret_cast<int*>(s + 512);
+    atomicAdd(counter, 1);
+    if (threadIdx.x == 63) *counter = 0;  // a plain store, unordered with the other threads' atomics
+}
+
 template <bool OWN_SLOT>
 __global__ void planted_race_between_blocks(float* s) {
     // Every block writes the same 64 floats; the correct version gives each block its own.
@@ -326,6 +383,12 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "race_control_syncwarp") PA_LAUNCH(planted_race_warp_shared<true>, 1, 64, 0, st, s);
     else if (f == "race_missing_second_barrier") PA_LAUNCH(planted_race_reused_tile<false>, 1, 64, 0, st, s);
     else if (f == "race_control_second_barrier") PA_LAUNCH(planted_race_reused_tile<true>, 1, 64, 0, st, s);
+    else if (f == "race_control_helper_shared") PA_LAUNCH(planted_race_control_helper_shared, 4, 64, 0, st, s);
+    else if (f == "race_control_bytes") PA_LAUNCH(planted_race_bytes<false>, 1, 64, 0, st, s);
+    else if (f == "race_bytes_between_blocks") PA_LAUNCH(planted_race_bytes<true>, 4, 64, 0, st, s);
+    else if (f == "race_partial_syncwarp") PA_LAUNCH(planted_race_partial_syncwarp, 1, 64, 0, st, s);
+    else if (f == "race_hidden_reader") PA_LAUNCH(planted_race_hidden_reader, 1, 64, 0, st, s);
+    else if (f == "race_store_after_atomics") PA_LAUNCH(planted_race_store_after_atomics, 1, 64, 0, st, s);
     else if (f == "race_between_blocks") PA_LAUNCH(planted_race_between_blocks<false>, 4, 64, 0, st, s);
     else if (f == "race_control_between_blocks") PA_LAUNCH(planted_race_between_blocks<true>, 4, 64, 0, st, s);
 #endif

@@ -1,7 +1,16 @@
 // The race checker of the race-check build: the __tsan_* functions that -fsanitize=thread instrumentation calls
-// in the kernel translation units, a shadow memory of who touched each 4-byte granule last, and the reports.
-// The model is described in racecheck.h. This file is not instrumented itself, and it runs with one worker, so
-// the shadow memory needs no locks: blocks run one after another, their fibers one at a time.
+// in the kernel translation units, a shadow memory of who touched each byte range last, and the reports.
+// The model is described in racecheck.h. This file is not instrumented itself; launches go through it one at a
+// time (the runtime holds a lock from begin_launch to end_launch) on one worker, so the shadow needs no locks.
+//
+// Shadow memory. Each 4-byte granule keeps up to two write stamps and two read stamps: the last access of each
+// kind and, when the one before it came from another thread and nothing ordered the two, that one too, so a
+// later access that is ordered after the last but not after the other is still checked against it (two
+// concurrent readers, then a write by one of them; many atomics, then a plain store by one of them). Accesses
+// of 4 bytes or more use the granule's stamps; narrower ones get a shadow per byte (in a side table), checked
+// against the granule's stamps too, so that byte arrays are neither falsely reported (neighbouring bytes of two
+// threads) nor missed. About 100 bytes of shadow per 4 bytes touched: tiny shapes only, and a launch touching
+// more than kMaxLaunchPages pages is reported as too large rather than allowed to exhaust memory.
 #include "racecheck.h"
 
 #include <dlfcn.h>
@@ -17,44 +26,49 @@ __thread Who* t_who = nullptr;
 
 namespace {
 
-constexpr uint8_t kAtomic = 1;  // an atomic read-modify-write (or atomic load/store)
-constexpr uint8_t kMulti = 2;   // a read stamp: another thread read these bytes too, unordered with this read
+constexpr uint8_t kAtomic = 1;  // an atomic read-modify-write (atomic loads and stores count as one)
 
 // One access, as the shadow remembers it.
 struct Stamp {
     uint32_t launch = 0;  // 0: none
     uint32_t block = 0;
-    uint32_t thread = 0;
     uint32_t epoch = 0;
-    uint32_t wclock = 0;
-    uint8_t bytes = 0;  // which bytes of the granule
+    uint32_t clock = 0;   // the thread's own warp-clock component at the access
+    uint32_t pc = 0;      // the instruction, as an offset in this module
+    uint16_t thread = 0;
+    uint8_t bytes = 0;    // which bytes of the granule
     uint8_t flags = 0;
-    uintptr_t pc = 0;
 };
 
 struct Granule {
-    Stamp write;
-    Stamp read;
+    Stamp write, write2, read, read2;
+    uint32_t bytes_launch = 0;  // the launch whose narrower accesses have per-byte shadows for this granule
 };
 
 constexpr int kPageShift = 12;
 constexpr size_t kGranulesPerPage = (size_t(1) << kPageShift) / 4;
-constexpr size_t kMaxPages = 4096;  // 4096 pages of 4 KB touched (~200 MB of shadow): start afresh
+constexpr size_t kMaxPages = 4096;          // more pages than this at a launch's start: start afresh
+constexpr size_t kMaxLaunchPages = 8192;    // 32 MB touched by one launch (~800 MB of shadow): refuse
 
 struct Shadow {
     std::unordered_map<uintptr_t, std::unique_ptr<Granule[]>> pages;
+    std::unordered_map<uintptr_t, Granule> bytes;  // per-byte shadows, this launch only
     uintptr_t cached_key = ~uintptr_t(0);
     Granule* cached = nullptr;
+    size_t launch_pages = 0;  // pages first touched in this launch
 
-    Granule& at(uintptr_t addr) {
+    Granule* at(uintptr_t addr) {
         const uintptr_t key = addr >> kPageShift;
         if (key != cached_key) {
             auto& page = pages[key];
-            if (!page) page.reset(new Granule[kGranulesPerPage]);
+            if (!page) {
+                if (++launch_pages > kMaxLaunchPages) return nullptr;
+                page.reset(new Granule[kGranulesPerPage]);
+            }
             cached_key = key;
             cached = page.get();
         }
-        return cached[(addr >> 2) & (kGranulesPerPage - 1)];
+        return &cached[(addr >> 2) & (kGranulesPerPage - 1)];
     }
     void clear() {
         pages.clear();
@@ -76,6 +90,8 @@ uint32_t g_launch = 0;
 const LaunchInfo* g_info = nullptr;
 BlockMemory g_block;
 Race g_race;
+bool g_too_large = false;
+uintptr_t g_module_base = 0;
 
 bool in_shared(uintptr_t addr) {
     const auto* p = reinterpret_cast<const unsigned char*>(addr);
@@ -84,86 +100,115 @@ bool in_shared(uintptr_t addr) {
     return false;
 }
 
-// Whether `s` happened before the access `who` is making now (or is stale), so the two cannot race.
-bool ordered(const Stamp& s, const Who& who, uintptr_t addr) {
-    if (s.launch != g_launch) return true;
-    if (s.block != who.block) return in_shared(addr);  // another block's shared memory is gone
-    if (s.thread == who.thread || s.epoch != who.epoch) return true;
-    return s.thread / 32 == who.thread / 32 && s.wclock < who.wclock;
-}
+bool live(const Stamp& s) { return s.launch == g_launch; }
 
-// The same thread, with no barrier or collective since `s`.
-bool same_moment(const Stamp& s, const Who& who) {
-    return s.launch == g_launch && s.block == who.block && s.thread == who.thread && s.epoch == who.epoch &&
-           s.wclock == who.wclock;
+// Whether `s` happened before the access `who` is making now (or is stale), so the two cannot race: another
+// launch; shared memory of a block that has ended; the same thread; an earlier barrier epoch; or, in the same
+// warp, a collective that this thread joined after `s` (its clock for s's lane has moved past s's).
+bool ordered(const Stamp& s, const Who& who, uintptr_t addr) {
+    if (!live(s)) return true;
+    if (s.block != who.block) return in_shared(addr);
+    if (s.thread == who.thread || s.epoch != who.epoch) return true;
+    return s.thread / 32 == who.thread / 32 && who.vc[s.thread % 32] > s.clock;
 }
 
 Stamp stamp(const Who& who, uint8_t bytes, uint8_t flags, uintptr_t pc) {
-    return Stamp{g_launch, who.block, who.thread, who.epoch, who.wclock, bytes, flags, pc};
+    return Stamp{g_launch, who.block, who.epoch, who.vc[who.thread % 32], uint32_t(pc - g_module_base),
+                 uint16_t(who.thread), bytes, flags};
+}
+
+// The first earlier access in `g` that the access `now` races with, or null.
+const Stamp* conflict(const Granule& g, const Stamp& now, bool write, bool atomic, uintptr_t addr, bool& was_write) {
+    const Who& who = *t_who;
+    auto clash = [&](const Stamp& s) {
+        return (s.bytes & now.bytes) && !(atomic && (s.flags & kAtomic)) && !ordered(s, who, addr);
+    };
+    was_write = true;
+    if (clash(g.write)) return &g.write;
+    if (clash(g.write2)) return &g.write2;
+    was_write = false;
+    if (write && clash(g.read)) return &g.read;
+    if (write && clash(g.read2)) return &g.read2;
+    return nullptr;
+}
+
+void record(Granule& g, const Stamp& now, bool write, bool atomic, uintptr_t addr) {
+    const Who& who = *t_who;
+    // Keeps `last` as the second stamp when it is another thread's and unordered with `now`; keeps the old second
+    // stamp while it is still unordered with `now`.
+    auto push = [&](Stamp& last, Stamp& second) {
+        if (live(last) && !ordered(last, who, addr))
+            second = last;
+        else if (live(second) && ordered(second, who, addr))
+            second.launch = 0;
+        last = now;
+    };
+    if (!write) return push(g.read, g.read2);
+    if (atomic) return push(g.write, g.write2);
+    // A plain write: anything unordered with it has just been reported; anything ordered before it is ordered
+    // before whatever is ordered after it.
+    g.write = now;
+    g.write2.launch = g.read.launch = g.read2.launch = 0;
 }
 
 void report(uintptr_t addr, const Stamp& now, bool now_writes, const Stamp& before, bool before_wrote) {
     g_race = Race{true, in_shared(addr), addr, now, before, now_writes, before_wrote};
 }
 
-// One granule's part of an access: check it against the shadow, then record it.
-void touch(uintptr_t addr, uint8_t bytes, bool write, bool atomic, uintptr_t pc) {
-    const Who& who = *t_who;
-    Granule& g = g_shadow.at(addr);
-    const Stamp now = stamp(who, bytes, atomic ? kAtomic : 0, pc);
-    const bool both_atomic = atomic && (g.write.flags & kAtomic);
-    if ((g.write.bytes & bytes) && !both_atomic && !ordered(g.write, who, addr))
-        return report(addr, now, write, g.write, true);
-    if (write) {
-        // Another thread's unordered read; or, where this thread read last, a third thread that read the same
-        // bytes unordered with it (kMulti) and that this thread has not synchronised with since.
-        const Stamp& r = g.read;
-        const bool other_reader = !ordered(r, who, addr);
-        const bool multi_reader = (r.flags & kMulti) && same_moment(r, who);
-        if ((r.bytes & bytes) && (other_reader || multi_reader)) return report(addr, now, true, r, false);
-        g.write = now;
-        g.read.launch = 0;
-        return;
-    }
-    Stamp& r = g.read;
-    uint8_t flags = 0, keep = 0;
-    if (!ordered(r, who, addr)) {  // two unordered readers: a later write by either races with the other
-        keep = r.bytes;
-        flags = kMulti;
-    } else if (same_moment(r, who)) {
-        keep = r.bytes;
-        flags = r.flags & kMulti;
-    }
-    r = now;
-    r.bytes = uint8_t(bytes | keep);
-    r.flags = flags;
+// Checks (and, with `keep`, records) one access to one shadow entry.
+void visit(Granule& g, uintptr_t addr, uint8_t bytes, bool write, bool atomic, uintptr_t pc, bool keep) {
+    const Stamp now = stamp(*t_who, bytes, atomic ? kAtomic : 0, pc);
+    bool was_write = false;
+    if (const Stamp* s = conflict(g, now, write || atomic, atomic, addr, was_write))
+        return report(addr, now, write || atomic, *s, was_write);
+    if (keep) record(g, now, write || atomic, atomic, addr);
 }
 
 void access(const volatile void* p, size_t size, bool write, bool atomic, uintptr_t pc) {
-    if (!t_who || g_race.found || size == 0) return;
+    if (!t_who || g_race.found || g_too_large || size == 0) return;
     const auto addr = reinterpret_cast<uintptr_t>(p);
     const auto* c = reinterpret_cast<const unsigned char*>(addr);
     if (c >= g_block.stacks_begin && c < g_block.stacks_end) return;  // a fiber's own stack
     const uintptr_t end = addr + size;
-    for (uintptr_t granule = addr & ~uintptr_t(3); granule < end; granule += 4) {
+    for (uintptr_t granule = addr & ~uintptr_t(3); granule < end && !g_race.found; granule += 4) {
+        Granule* g = g_shadow.at(granule);
+        if (!g) {
+            g_too_large = true;
+            return;
+        }
         const uintptr_t lo = std::max(addr, granule), hi = std::min(end, granule + 4);
-        const uint8_t bytes = uint8_t(((1u << (hi - lo)) - 1u) << (lo - granule));
-        touch(granule, bytes, write, atomic, pc);
-        if (g_race.found) return;
+        if (lo == granule && hi == granule + 4) {
+            visit(*g, granule, 0xF, write, atomic, pc, true);
+            if (g->bytes_launch == g_launch)  // narrower accesses touched this granule in this launch
+                for (uintptr_t b = granule; b < granule + 4 && !g_race.found; ++b)
+                    visit(g_shadow.bytes[b], b, 1, write, atomic, pc, true);
+        } else {
+            // Against the whole-granule accesses (without recording: that would merge bytes), then per byte.
+            visit(*g, granule, uint8_t(((1u << (hi - lo)) - 1u) << (lo - granule)), write, atomic, pc, false);
+            g->bytes_launch = g_launch;
+            for (uintptr_t b = lo; b < hi && !g_race.found; ++b) visit(g_shadow.bytes[b], b, 1, write, atomic, pc, true);
+        }
     }
 }
 
 // ---- reports ------------------------------------------------------------------------------------------------
-// file:line of a code address, from the module's debug information through addr2line (the race-check build has
-// -g): the innermost inlined frame that is kernel source (an atomic's access happens inside libstdc++ and the
-// emulator's header, but the line worth reading is the kernel's). Falls back to module+offset without addr2line.
-std::string source_line(uintptr_t pc) {
+std::string shell_quote(const std::string& s) {
+    std::string out = "'";
+    for (char ch : s) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+    return out + "'";
+}
+
+// file:line of an instruction (an offset in this module), from the module's debug information through addr2line
+// (the race-check build has -g): the innermost inlined frame that is kernel source (an atomic's access happens
+// inside libstdc++ and the emulator's header, but the line worth reading is the kernel's). Falls back to
+// module+offset without addr2line.
+std::string source_line(uint32_t pc_offset) {
     Dl_info info;
-    if (!pc || !dladdr(reinterpret_cast<void*>(pc), &info) || !info.dli_fname) return "an unknown line";
+    if (!dladdr(reinterpret_cast<void*>(&source_line), &info) || !info.dli_fname) return "an unknown line";
     char offset[32];
-    std::snprintf(offset, sizeof offset, "0x%zx", size_t(pc - 1 - reinterpret_cast<uintptr_t>(info.dli_fbase)));
+    std::snprintf(offset, sizeof offset, "0x%zx", size_t(pc_offset ? pc_offset - 1 : 0));
     const std::string fallback = std::string(info.dli_fname) + "+" + offset;
-    const std::string cmd = "addr2line -i -e '" + std::string(info.dli_fname) + "' " + offset + " 2>/dev/null";
+    const std::string cmd = "addr2line -i -e " + shell_quote(info.dli_fname) + " " + offset + " 2>/dev/null";
     FILE* f = popen(cmd.c_str(), "r");
     if (!f) return fallback;
     std::string first, kernel;
@@ -198,13 +243,10 @@ std::string describe(const Race& r, const LaunchInfo& info) {
     };
     char addr[32];
     std::snprintf(addr, sizeof addr, "0x%zx", size_t(r.addr));
-    std::string why;
-    if (r.now.block != r.before.block)
-        why = "blocks of one launch are never ordered";
-    else if (r.before.thread == r.now.thread)
-        why = "another thread read these bytes too, with no __syncthreads() or warp collective between";
-    else
-        why = "no __syncthreads() or warp collective between them (barrier epoch " + std::to_string(r.now.epoch) + ")";
+    const std::string why = r.now.block != r.before.block
+                                ? "blocks of one launch are never ordered"
+                                : "no __syncthreads() or warp collective between them (barrier epoch " +
+                                      std::to_string(r.now.epoch) + ")";
     return "data race on " + std::string(r.shared ? "shared" : "global") + " memory at " + addr + ": " + who(r.now) +
            " " + verb(r.now, r.now_writes, false) + " at " + source_line(r.now.pc) + ", after " + who(r.before) + " " +
            verb(r.before, r.before_wrote, true) + " at " + source_line(r.before.pc) + "; " + why;
@@ -213,22 +255,36 @@ std::string describe(const Race& r, const LaunchInfo& info) {
 }  // namespace
 
 void begin_launch(const LaunchInfo& info) {
+    if (!g_module_base) {
+        Dl_info self;
+        if (dladdr(reinterpret_cast<void*>(&begin_launch), &self)) g_module_base = uintptr_t(self.dli_fbase);
+    }
     if (++g_launch == 0) {  // wrapped: old stamps could look current
         g_shadow.clear();
         g_launch = 1;
     }
     if (g_shadow.pages.size() > kMaxPages) g_shadow.clear();
+    g_shadow.bytes.clear();
+    g_shadow.launch_pages = 0;
     g_info = &info;
     g_race = Race{};
+    g_too_large = false;
 }
 
 void begin_block(const BlockMemory& memory) { g_block = memory; }
 
 std::string end_launch() {
-    const std::string out = g_race.found && g_info ? describe(g_race, *g_info) : std::string();
+    std::string out;
+    if (g_race.found && g_info)
+        out = describe(g_race, *g_info);
+    else if (g_too_large)
+        out = "the race checker gave up: the launch touched more than " +
+              std::to_string(kMaxLaunchPages * (size_t(1) << kPageShift) >> 20) +
+              " MB, and the race-check build is for small shapes (its shadow memory takes ~25x what it covers)";
     g_race = Race{};
     g_block = BlockMemory{};
     g_info = nullptr;
+    g_too_large = false;
     return out;
 }
 

@@ -7,11 +7,13 @@
 //   launch  kernel launches on a stream are ordered, so accesses of different launches never race;
 //   block   blocks of one launch are never ordered with each other (we have no grid sync);
 //   epoch   the number of __syncthreads() the block has passed: accesses of different epochs are ordered;
-//   wclock  a per-lane clock that a completed warp collective sets, for every lane in it, to one past the
-//           largest clock among them, so a lane that has synchronised with another since that lane's access
-//           has a larger clock than the access carries.
+//   vc      a vector clock per lane over the 32 lanes of its warp: a completed warp collective advances each
+//           participant's own component and gives every participant the element-wise maximum, so a lane that
+//           has synchronised with another since that lane's access knows a larger clock for it than the
+//           access carries (an access records its lane's own component).
 // Two accesses to the same bytes race when at least one writes, not both are atomic, and nothing above orders
 // them. Shared memory is per block: an earlier block's stamp on a shared address means nothing to the next.
+// __threadfence() orders nothing here (none of our kernels communicate between blocks through fences).
 // The first race of a launch becomes that launch's KernelError; the kernel still runs to completion.
 #pragma once
 
@@ -29,7 +31,7 @@ struct Who {
     uint32_t block = 0;   // linear block index
     uint32_t thread = 0;  // linear thread index within the block
     uint32_t epoch = 0;
-    uint32_t wclock = 0;
+    uint32_t vc[32] = {};  // the warp's vector clock as this lane knows it, one component per lane
 };
 
 // The fiber running kernel code on this worker; null in the scheduler, the runtime and host code, whose

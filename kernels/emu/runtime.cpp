@@ -166,6 +166,7 @@ struct Worker {
     unsigned char* dynamic_region = nullptr;
     unsigned char* dynamic_guard = nullptr;
     unsigned char* tls_block = nullptr;  // this thread's instance of the module's TLS segment (static shared)
+    size_t tls_size = 0;
     const LaunchInfo* info = nullptr;    // the launch being run, for fault reports
     int nthreads = 0;
 #if PA_EMU_ASAN
@@ -424,7 +425,7 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
         f.state = State::Runnable;
         f.group = nullptr;
 #if PA_EMU_RACE
-        f.who = race::Who{uint32_t(linear_block), uint32_t(i), 0, 0};
+        f.who = race::Who{uint32_t(linear_block), uint32_t(i), 0, {}};
 #endif
         start_fiber(w, f, i);
     }
@@ -432,10 +433,11 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     race::BlockMemory memory;
     memory.stacks_begin = w.stacks;
     memory.stacks_end = w.stacks + kMaxThreadsPerBlock * kStackBytes;
+    // Every __shared__ object lives in the module's TLS segment, the kernel's own and those of the __device__
+    // functions it calls: the whole segment counts as shared memory (the runtime's own __thread variables there
+    // are only ever read by kernel code).
     memory.shared.emplace_back(t_dynamic_shared, w.dynamic_guard);
-    if (static_base)
-        for (const auto& [offset, bytes] : static_shared)
-            memory.shared.emplace_back(static_base + offset, static_base + offset + bytes);
+    if (w.tls_block) memory.shared.emplace_back(w.tls_block, w.tls_block + w.tls_size);
     race::begin_block(memory);
 #endif
     for (auto& warp : w.groups)
@@ -506,7 +508,7 @@ void work_on(Worker& w, Job& job) {
     }
 }
 
-unsigned char* module_tls_block();
+unsigned char* module_tls_block(size_t* size);
 
 // Created once and never destroyed: destroying a condition variable that workers wait on at exit hangs.
 class Pool {
@@ -531,7 +533,7 @@ private:
     void loop() {
         Worker w;
         t_worker = &w;  // also makes sure this thread's TLS block for the module exists before we look for it
-        w.tls_block = module_tls_block();
+        w.tls_block = module_tls_block(&w.tls_size);
         unsigned long long seen = 0;
         for (;;) {
             Job* job;
@@ -692,22 +694,27 @@ const StaticShared& static_shared(const void* kernel) {
     return cache->emplace(kernel, std::move(found)).first->second;
 }
 
-// This thread's instance of our module's TLS segment, where the static __shared__ variables live.
-unsigned char* module_tls_block() {
+// This thread's instance of our module's TLS segment, where the static __shared__ variables live, and its size.
+unsigned char* module_tls_block(size_t* size) {
+    *size = 0;
     Dl_info self;
     if (!dladdr(reinterpret_cast<void*>(&module_tls_block), &self)) return nullptr;
     struct Search {
         void* base;
         unsigned char* tls;
-    } search{self.dli_fbase, nullptr};
+        size_t size;
+    } search{self.dli_fbase, nullptr, 0};
     dl_iterate_phdr(
         [](dl_phdr_info* info, size_t, void* data) {
             auto* want = static_cast<Search*>(data);
             if (reinterpret_cast<void*>(info->dlpi_addr) != want->base) return 0;
             want->tls = static_cast<unsigned char*>(info->dlpi_tls_data);
+            for (int i = 0; i < info->dlpi_phnum; ++i)
+                if (info->dlpi_phdr[i].p_type == PT_TLS) want->size = info->dlpi_phdr[i].p_memsz;
             return 1;
         },
         &search);
+    *size = search.tls ? search.size : 0;
     return search.tls;
 }
 
@@ -791,12 +798,17 @@ void complete(Worker& w, Group& g, int warp) {
         }
     }
 #if PA_EMU_RACE
-    // The participants synchronise: each lane's clock moves past every participant's.
-    uint32_t clock = 0;
+    // The participants synchronise: each advances its own clock component, then all take the element-wise
+    // maximum of their vector clocks.
+    uint32_t joined[32] = {};
+    for (int lane = 0; lane < 32; ++lane) {
+        if (!(g.arrived >> lane & 1u)) continue;
+        race::Who& who = w.fibers[warp * 32 + lane].who;
+        ++who.vc[lane];
+        for (int j = 0; j < 32; ++j) joined[j] = std::max(joined[j], who.vc[j]);
+    }
     for (int lane = 0; lane < 32; ++lane)
-        if (g.arrived >> lane & 1u) clock = std::max(clock, w.fibers[warp * 32 + lane].who.wclock);
-    for (int lane = 0; lane < 32; ++lane)
-        if (g.arrived >> lane & 1u) w.fibers[warp * 32 + lane].who.wclock = clock + 1;
+        if (g.arrived >> lane & 1u) std::copy(joined, joined + 32, w.fibers[warp * 32 + lane].who.vc);
 #endif
     for (int lane = 0; lane < 32; ++lane) {
         Fiber& f = w.fibers[warp * 32 + lane];
@@ -922,10 +934,18 @@ void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_b
     job.module_base = shared.module_base;
     job.nblocks = (long long)g.x * g.y * g.z;
 #if PA_EMU_RACE
-    race::begin_launch(info);
-    pool().run(job);
-    const std::string race_report = race::end_launch();
-    if (!job.failed && !race_report.empty()) throw pa::KernelError(where + ", " + race_report);
+    // One launch at a time through the checker, from begin to end, whichever Python threads launch.
+    static std::mutex* race_mutex = new std::mutex;
+    std::string race_report;
+    {
+        std::lock_guard<std::mutex> lk(*race_mutex);
+        race::begin_launch(info);
+        pool().run(job);
+        race_report = race::end_launch();
+    }
+    if (job.failed && !race_report.empty())
+        throw pa::KernelError(where + ", " + job.error + " (the race checker also saw a " + race_report + ")");
+    if (!race_report.empty()) throw pa::KernelError(where + ", " + race_report);
 #else
     pool().run(job);
 #endif
