@@ -6,7 +6,8 @@
 //
 // images (B, S, S, 3) uint8, HWC as the shards store them; mean (S, S, 3) float32, the per-pixel training mean
 // (subtracted where the crop took the pixel from, so a flipped crop subtracts the flipped mean); params (B, 3)
-// int32; shift (B, 3) float32, the PCA colour term sum_i alpha_i lambda_i p_i of the image (zero to evaluate);
+// int32; shift (B, 3) float32, the image's PCA colour term (pyalexnet.data.train_draws: sum_i alpha_i
+// sqrt(lambda_i) p_i; zero to evaluate);
 // out (B, 3, crop, crop) float32. Every random draw is made on the host: the kernel is a pure function of its
 // inputs, so a test can replay it in NumPy. Evaluation uses the same kernel with fixed crops (centre, corners).
 // An image whose params are out of range gets NaN everywhere (the caller checks them first; this keeps a bad

@@ -182,11 +182,13 @@ def _print_eval(result) -> None:
 def _eval(args) -> int:
     from .checkpoint import load
     from .data import Dataset
-    from .train import evaluate
+    from .train import check_classes, evaluate
 
     ck = load(args.weights)
+    dataset = Dataset(args.data)
+    check_classes(ck.extra, ck.net.num_classes, dataset, args.weights)
     scale = (ck.extra.get("train") or {}).get("scale", 1.0)
-    _print_eval(evaluate(ck.net, Dataset(args.data), args.split, args.batch_size, not args.no_ten_crop, scale,
+    _print_eval(evaluate(ck.net, dataset, args.split, args.batch_size, not args.no_ten_crop, scale,
                          progress=not args.no_progress))
     return 0
 
@@ -327,9 +329,15 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
         print(f"pyalexnet {args.command}: {e}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, FileNotFoundError, BadImage) as e:
+    except (ValueError, TypeError, OSError, BadImage) as e:  # bad input, missing or unreadable files, disk full
         print(f"pyalexnet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a kernel fault (KernelError), a dead worker process
+        print(f"pyalexnet {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pyalexnet {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

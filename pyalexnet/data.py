@@ -35,6 +35,8 @@ import queue
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,11 +74,12 @@ def load_image(path, size: int = 256) -> np.ndarray:
     w, h = rgb.size
     if w < 1 or h < 1:
         raise BadImage(f"{path}: empty image")
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    # Shorter side to `size`, then the central size x size: the same as resizing only the central square of
+    # the source (a box in source coordinates), which never materialises a huge intermediate for an extreme
+    # aspect ratio.
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    return np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
 
 
 def _to_rgb(im):
@@ -97,7 +100,8 @@ def _to_rgb(im):
 
 # ---- the folder -----------------------------------------------------------------------------------------------------
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def scan(src) -> dict:
@@ -106,7 +110,7 @@ def scan(src) -> dict:
     train_dir = src / "train"
     if not train_dir.is_dir():
         raise FileNotFoundError(f"{src}: expected a train/ folder with one sub-folder per class")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{train_dir}: no class folders")
     index = {c: i for i, c in enumerate(classes)}
@@ -128,7 +132,8 @@ def scan(src) -> dict:
                     raise ValueError(f"{labels_file}:{n}: class {parts[1]!r} is not one of train/'s classes")
                 val.append((val_dir / parts[0], index[parts[1]]))
         else:
-            unknown = sorted(p.name for p in val_dir.iterdir() if p.is_dir() and p.name not in index)
+            unknown = sorted(p.name for p in val_dir.iterdir()
+                             if p.is_dir() and not p.name.startswith(".") and p.name not in index)
             if unknown:
                 raise ValueError(f"{val_dir}: class folders {unknown[:5]} are not among train/'s classes")
             val = [(p, index[c]) for c in classes if (val_dir / c).is_dir() for p in _images_in(val_dir / c)]
@@ -155,6 +160,8 @@ def _shard_task(args):
     out, split, index, files, labels, size, plan_hash = args
     out = Path(out)
     stem = f"{split}-{index:05d}"
+    # The marker goes first: from here until the new one is written, the shard is not done, whatever its files.
+    (out / f"{stem}.json").unlink(missing_ok=True)
     images, kept, skipped = [], [], []
     for path, label in zip(files, labels):
         try:
@@ -167,10 +174,14 @@ def _shard_task(args):
     _atomic_write(out / f"{stem}.labels.npy", lambda f: np.save(f, np.asarray(kept, np.int32)))
     info = {"file": f"{stem}.npy", "labels": f"{stem}.labels.npy", "count": len(kept), "planned": len(files),
             "plan": plan_hash, "skipped": skipped}
-    if split == "train":  # the sums the mean and the colour PCA need, in float64
-        pixels = array.reshape(-1, 3).astype(np.float64)
-        stats = {"image_sum": array.sum(axis=0, dtype=np.float64), "rgb_sum": pixels.sum(axis=0),
-                 "rgb_outer": pixels.T @ pixels, "pixels": np.float64(len(pixels))}
+    if split == "train":  # the sums the mean and the colour PCA need, in float64, 16 images at a time
+        rgb_sum, rgb_outer = np.zeros(3), np.zeros((3, 3))
+        for start in range(0, len(array), 16):
+            pixels = array[start : start + 16].reshape(-1, 3).astype(np.float64)
+            rgb_sum += pixels.sum(axis=0)
+            rgb_outer += pixels.T @ pixels
+        stats = {"image_sum": array.sum(axis=0, dtype=np.float64), "rgb_sum": rgb_sum, "rgb_outer": rgb_outer,
+                 "pixels": np.float64(array.shape[0] * size * size)}
         _atomic_write(out / f"{stem}.stats.npz", lambda f: np.savez(f, **stats))
         info["stats"] = f"{stem}.stats.npz"
     _atomic_write(out / f"{stem}.json", lambda f: f.write(json.dumps(info).encode()))  # last: the shard is done
@@ -187,7 +198,8 @@ def _plan_hash(files, labels, size) -> str:
 def prepare(src, out, size: int = 256, workers: int | None = None, shard_images: int = 512,
             progress: bool = True) -> dict:
     """Preprocesses the folder `src` into `out` (see the module's docstring); returns the dataset.json contents.
-    Rerunning it resumes: finished shards are kept."""
+    Rerunning it resumes: finished shards are kept. With workers > 1 it starts processes by "spawn", which
+    re-imports the calling script: a script that calls prepare() must do so under `if __name__ == "__main__":`."""
     from tqdm import tqdm
 
     size = int(size)
@@ -217,6 +229,8 @@ def prepare(src, out, size: int = 256, workers: int | None = None, shard_images:
             tasks.append((str(out), split, index, files, labels, size, plan))
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks) or 1))
     total = sum(len(t[3]) for t in tasks)
+    if tasks:  # the old manifest no longer describes the shards: gone until the new one is written
+        (out / "dataset.json").unlink(missing_ok=True)
     if done:
         log.info("prepare: %d shard(s) already done, %d to go", len(done), len(tasks))
     with tqdm(total=total, unit="img", desc="prepare", disable=not progress) as bar:
@@ -228,14 +242,19 @@ def prepare(src, out, size: int = 256, workers: int | None = None, shard_images:
         else:
             # spawn, not fork: the parent may hold a CUDA context or the emulator's threads. The children
             # import pyalexnet only for this module: keep them off the GPU.
+            # A process pool that fails (a worker killed for memory) instead of waiting forever.
             ctx = multiprocessing.get_context("spawn")
             saved = os.environ.get("PYALEXNET_BACKEND")
             os.environ["PYALEXNET_BACKEND"] = "emu"
             try:
-                with ctx.Pool(workers) as pool:
-                    for split, index, info in pool.imap_unordered(_shard_task, tasks):
+                with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    for future in as_completed([pool.submit(_shard_task, t) for t in tasks]):
+                        split, index, info = future.result()
                         done[(split, index)] = info
                         bar.update(info["planned"])
+            except BrokenProcessPool as e:
+                raise RuntimeError(f"prepare: a worker process died ({e}); out of memory? Try fewer --workers. "
+                                   "Rerunning resumes.") from None
             finally:
                 if saved is None:
                     os.environ.pop("PYALEXNET_BACKEND", None)
@@ -325,6 +344,9 @@ class Dataset:
         self.eigenvalues = np.asarray(m["pca"]["eigenvalues"], np.float64)
         self.eigenvectors = np.asarray(m["pca"]["eigenvectors"], np.float64)
         self.splits = {name: self._open(s) for name, s in m["splits"].items() if s["count"] > 0}
+        # What a resumed training run checks: the same images in the same order, the same mean and PCA.
+        ident = json.dumps({k: m[k] for k in ("size", "classes", "splits", "rgb_mean", "pca")}, sort_keys=True)
+        self.identity = hashlib.sha256(ident.encode()).hexdigest()[:16]
 
     def _open(self, s) -> Split:
         images, labels = [], []

@@ -46,6 +46,7 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.installed = False
         self.previous = None
 
     def __enter__(self):
@@ -56,13 +57,15 @@ class _StopRequest:
 
         try:
             self.previous = signal.signal(signal.SIGINT, handler)
+            self.installed = True
         except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self.previous = None
+            pass
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        if self.installed:
+            # None: the previous handler was installed from C, which Python cannot reinstate; the default will do.
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
         return False
 
 
@@ -73,7 +76,10 @@ def plot_curves(log_path, png_path) -> None:
 
     steps, epochs = [], []
     for line in Path(log_path).read_text().splitlines():
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
         if rec.get("kind") == "step":
             steps.append((rec["step"], rec["loss"]))
         elif rec.get("kind") == "epoch" and rec.get("val_top1_error") is not None:
@@ -112,38 +118,52 @@ def plot_curves(log_path, png_path) -> None:
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------------
+def check_classes(extra: dict, num_classes: int, dataset: Dataset, weights) -> None:
+    """Refuses to evaluate or name predictions with a dataset other than the one the checkpoint learned."""
+    trained = (extra.get("train") or {}).get("classes")
+    if trained is not None and trained != dataset.classes:
+        raise ValueError(f"{weights}: trained on other classes than {dataset.path} has "
+                         f"({len(trained)} vs {len(dataset.classes)}, first {trained[:3]} vs {dataset.classes[:3]})")
+    if num_classes != len(dataset.classes):
+        raise ValueError(f"{weights}: the network has {num_classes} outputs, {dataset.path} {len(dataset.classes)} "
+                         "classes")
+
+
 def evaluate(net, dataset: Dataset, split: str = "val", batch_size: int = 128, ten_crop: bool = True, scale=1.0,
              progress: bool = False) -> dict:
     """Top-1 and top-5 error of `net` on a split: the centre crop, and the paper's 10-view average (the centre
-    and four corner crops and their mirror images, softmax outputs averaged)."""
+    and four corner crops and their mirror images, softmax outputs averaged). Counts as it goes: memory does
+    not grow with the split."""
     from tqdm import tqdm
 
     crop = net.input_size
     mean = _device(dataset.mean)
-    views = range(10) if ten_crop else range(1)
-    sums, labels = None, None
-    centre = None
-    for view in views:
-        loader = BatchLoader(dataset, split, batch_size, crop, train=False, view=view)
-        probs, labs = [], []
-        for images, lab, params, shift in tqdm(loader.epoch(), total=loader.batches_per_epoch(), disable=not progress,
-                                               desc=f"eval view {view}", leave=False):
-            x = pa.ops.augment_batch(_device(images), mean, params, shift, crop, scale)
-            probs.append(_softmax(net.forward(x, train=False)))
-            labs.append(lab)
-        probs, labels = np.concatenate(probs), np.concatenate(labs)
-        sums = probs if sums is None else sums + probs
-        if view == 0:
-            centre = probs
+    loader = BatchLoader(dataset, split, batch_size, crop, train=False)
+    images_seen, wrong = 0, {"top1": 0, "top5": 0, "top1_10": 0, "top5_10": 0}
 
-    def errors(p):
-        top5 = np.argsort(-p, axis=1)[:, :5]
-        return float(np.mean(top5[:, 0] != labels)), float(np.mean(~(top5 == labels[:, None]).any(axis=1)))
+    def count(probs, labels, key):
+        top5 = np.argsort(-probs, axis=1)[:, :5]
+        wrong["top1" + key] += int(np.sum(top5[:, 0] != labels))
+        wrong["top5" + key] += int(np.sum(~(top5 == labels[:, None]).any(axis=1)))
 
-    result = {"images": int(len(labels))}
-    result["top1_error"], result["top5_error"] = errors(centre)
+    for images, labels, params, shift in tqdm(loader.epoch(), total=loader.batches_per_epoch(), disable=not progress,
+                                              desc="eval", leave=False):
+        device_images = _device(images)
+        centre = _softmax(net.forward(pa.ops.augment_batch(device_images, mean, params, shift, crop, scale),
+                                      train=False))
+        count(centre, labels, "")
+        if ten_crop:
+            total = centre.copy()
+            for view in range(1, 10):
+                p, sh = eval_draws(len(images), dataset.size, crop, view)
+                x = pa.ops.augment_batch(device_images, mean, p, sh, crop, scale)
+                total += _softmax(net.forward(x, train=False))
+            count(total / 10, labels, "_10")
+        images_seen += len(labels)
+    n = max(images_seen, 1)
+    result = {"images": images_seen, "top1_error": wrong["top1"] / n, "top5_error": wrong["top5"] / n}
     if ten_crop:
-        result["top1_error_10crop"], result["top5_error_10crop"] = errors(sums / 10)
+        result["top1_error_10crop"], result["top5_error_10crop"] = wrong["top1_10"] / n, wrong["top5_10"] / n
     return result
 
 
@@ -164,6 +184,8 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     epochs = check.positive_int(epochs, "epochs")
+    if max_steps is not None:
+        max_steps = check.positive_int(max_steps, "max_steps")
     checkpoint_every = check.positive_int(checkpoint_every, "checkpoint_every")
     log_every = check.positive_int(log_every, "log_every")
     if resume is not None:
@@ -175,9 +197,13 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
             raise ValueError(f"{resume}: not written by pyalexnet train (no training position)")
         if state["classes"] != dataset.classes:
             raise ValueError(f"{resume}: trained on other classes than {data}")
+        if state.get("dataset") != dataset.identity:
+            raise ValueError(f"{resume}: {data} is not the prepared dataset this run trained on (re-prepared or "
+                             "another one): a resumed run would not see the same batches")
         epoch, batch_index, best = state["epoch"], state["batch"], state["best"]
         seed, scale, batch_size = state["seed"], state["scale"], state["batch_size"]
-        echo(f"resuming from {resume}: epoch {epoch + 1}, batch {batch_index}, lr {opt.lr:g}")
+        echo(f"resuming from {resume}: epoch {epoch + 1}, batch {batch_index}, lr {opt.lr:g} (the network, optimiser, "
+             "batch size, seed and scale are the checkpoint's; those options are ignored)")
     else:
         net = pa.AlexNet(variant, num_classes=len(dataset.classes), seed=seed, width=width, input_size=crop,
                          init=init)
@@ -205,7 +231,31 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
     def state_for(ep, bi):
         return {"train": {"epoch": ep, "batch": bi, "best": best, "seed": seed, "scale": scale,
                           "batch_size": batch_size, "classes": dataset.classes, "data": str(Path(data).resolve()),
-                          "size": dataset.size}}
+                          "size": dataset.size, "dataset": dataset.identity}}
+
+    # The log continues the checkpoint's run: records past it (written after the last checkpoint, before a kill)
+    # go, and so does a line cut short. A new run starts a new log.
+    if resume is not None and log_path.exists():
+        kept = []
+        for line in log_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if (rec.get("kind") == "step" and rec["step"] <= opt.steps) or \
+                    (rec.get("kind") == "epoch" and rec["epoch"] <= epoch):
+                kept.append(line)
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(log_path)
+    elif resume is None:
+        log_path.unlink(missing_ok=True)
+
+    def plot():
+        try:
+            plot_curves(log_path, out / "curves.png")
+        except Exception as e:  # noqa: BLE001  (a chart is never worth a training run)
+            echo(f"warning: could not draw {out / 'curves.png'}: {e}")
 
     def checkpoint(path, ep, bi):
         # A finite loss can come with weights that the same step's update made inf or NaN: never save those.
@@ -277,13 +327,15 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
             checkpoint(out / "last.npz", epoch, 0)
             if improved:
                 checkpoint(out / "best.npz", epoch, 0)
-            plot_curves(log_path, out / "curves.png")
+            plot()
             top1 = "" if val_error is None else f", val top-1 error {val_error:.3f} (top-5 {rec['val_top5_error']:.3f})"
             echo(f"epoch {epoch}/{epochs}: step {opt.steps}, lr {rec['lr']:g}{top1}")
+            if stop.requested:  # Ctrl-C during the evaluation: the epoch's checkpoint is written, stop here
+                stopped = "interrupted"
     if stopped == "interrupted":
         echo(f"interrupted: checkpoint written to {out / 'last.npz'} (resume with --resume {out / 'last.npz'})")
     if log_path.exists():
-        plot_curves(log_path, out / "curves.png")
+        plot()
     return {"epoch": epoch, "batch": batch_index, "steps": opt.steps, "best_val_top1_error": best, "stopped": stopped,
             "seconds": time.perf_counter() - started, "net": net, "optimizer": opt}
 
@@ -299,8 +351,7 @@ def predict(paths, weights, data=None, top: int = 5, ten_crop: bool = False) -> 
     if data is None:
         raise ValueError(f"{weights}: does not say which dataset it was trained on: pass --data")
     dataset = Dataset(data)
-    if len(dataset.classes) != ck.net.num_classes:
-        raise ValueError(f"{data}: {len(dataset.classes)} classes, but the network has {ck.net.num_classes}")
+    check_classes(ck.extra, ck.net.num_classes, dataset, weights)
     net, crop, scale = ck.net, ck.net.input_size, state.get("scale", 1.0)
     images = np.stack([load_image(p, dataset.size) for p in paths])
     probs = 0

@@ -22,14 +22,23 @@ def _photo(rng, w, h):
 
 # ---- reading one image --------------------------------------------------------------------------------------------
 def test_shorter_side_to_size_and_centre_crop(tmp_path, rng):
-    # A 2:1 image whose columns are numbered: after the resize to 32 x 16 -> 64 x 32 ... the centre is kept.
+    # A 2:1 image whose columns are numbered: the central 20 x 20 square (columns 10-29) becomes the 10 x 10 output.
     a = np.zeros((20, 40, 3), np.uint8)
     a[:, :, 0] = np.arange(40, dtype=np.uint8)[None, :] * 6
     Image.fromarray(a).save(tmp_path / "wide.png")
     out = D.load_image(tmp_path / "wide.png", size=10)
     assert out.shape == (10, 10, 3) and out.dtype == np.uint8
-    expected = np.asarray(Image.fromarray(a).resize((20, 10), Image.Resampling.BICUBIC))[:, 5:15]
+    expected = np.asarray(Image.fromarray(a).resize((10, 10), Image.Resampling.BICUBIC, box=(10, 0, 30, 20)))
     np.testing.assert_array_equal(out, expected)
+    # ... which is resizing the whole image to 20 x 10 and keeping its centre, up to the resampling's edges.
+    whole = np.asarray(Image.fromarray(a).resize((20, 10), Image.Resampling.BICUBIC))[:, 5:15]
+    assert np.abs(out[:, 1:-1].astype(int) - whole[:, 1:-1].astype(int)).max() <= 2
+
+
+def test_an_extreme_aspect_ratio_is_cropped_before_resizing(tmp_path):
+    Image.new("RGB", (20000, 2), (200, 100, 50)).save(tmp_path / "strip.png")
+    np.testing.assert_array_equal(D.load_image(tmp_path / "strip.png", size=256), np.broadcast_to([200, 100, 50],
+                                                                                                   (256, 256, 3)))
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16", "1", "P with transparency"])
@@ -157,6 +166,45 @@ def test_prepare_resumes_only_unfinished_shards_and_in_parallel(tmp_path, rng):
     assert again == first
     redone = {p.name for p in out.glob("train-?????.npy") if p.stat().st_mtime_ns != times.get(p.name)}
     assert redone == {"train-00002.npy", "train-00003.npy"}
+
+
+def test_an_interrupted_rerun_never_keeps_a_stale_shard(tmp_path, rng):
+    """Plan A finishes; plan B (one more image) is interrupted after rewriting shard 0's arrays but before its
+    marker; back to plan A: shard 0 must be redone, not taken for plan A's."""
+    _folder(tmp_path / "src", rng, corrupt=False)
+    out = tmp_path / "out"
+    first = D.prepare(tmp_path / "src", out, size=8, workers=1, shard_images=64, progress=False)
+    extra = tmp_path / "src/train/a/extra.jpg"
+    _photo(rng, 20, 20).save(extra)
+    listing = D.scan(tmp_path / "src")
+    files = [str(p) for p, _ in listing["train"]]
+    labels = [label for _, label in listing["train"]]
+    real_write = D._atomic_write
+
+    def interrupted(path, write):
+        if path.name == "train-00000.json":
+            raise KeyboardInterrupt  # killed before the marker
+        real_write(path, write)
+
+    D._atomic_write = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            D._shard_task((str(out), "train", 0, files, labels, 8, D._plan_hash(files, labels, 8)))
+    finally:
+        D._atomic_write = real_write
+    extra.unlink()
+    again = D.prepare(tmp_path / "src", out, size=8, workers=1, shard_images=64, progress=False)
+    assert again == first
+    assert len(D.Dataset(out).split("train")) == 21
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path, rng):
+    _folder(tmp_path / "src", rng, corrupt=False)
+    (tmp_path / "src/train/.ipynb_checkpoints").mkdir()
+    _photo(rng, 20, 20).save(tmp_path / "src/train/.ipynb_checkpoints/x.jpg")
+    _photo(rng, 20, 20).save(tmp_path / "src/train/a/.hidden.jpg")
+    listing = D.scan(tmp_path / "src")
+    assert listing["classes"] == ["a", "b", "c"] and len(listing["train"]) == 21
 
 
 def test_dataset_refuses_a_damaged_folder(tmp_path, rng):

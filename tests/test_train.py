@@ -163,6 +163,43 @@ def test_a_kill_while_checkpointing_every_step_leaves_a_loadable_checkpoint(prep
     assert len(leftovers) <= 1  # at most the write the kill interrupted, never a damaged last.npz
 
 
+def test_eval_and_predict_refuse_a_dataset_of_other_classes(prepared, capsys, tmp_path):
+    ckpt = prepared / "run" / "best.npz"
+    if not ckpt.exists():
+        pytest.skip("needs the training test's checkpoint")
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(prepared / "images", other)
+    (other / "train" / "circle").rename(other / "train" / "disc")
+    (other / "val" / "labels.txt").write_text((other / "val" / "labels.txt").read_text().replace(" circle", " disc"))
+    assert main(["prepare", str(other), str(tmp_path / "data"), "--size", "72", "--no-progress", "--workers", "1"]) == 0
+    assert main(["eval", "--data", str(tmp_path / "data"), "--weights", str(ckpt), "--no-progress"]) == 2
+    assert "trained on other classes" in capsys.readouterr().err
+    img = str(next((other / "val").glob("*.jpg")))
+    assert main(["predict", img, "--weights", str(ckpt), "--data", str(tmp_path / "data")]) == 2
+    assert "trained on other classes" in capsys.readouterr().err
+
+
+def test_resume_truncates_the_log_to_the_checkpoint_and_refuses_another_dataset(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(prepared / "data"), "--out", str(out), "--epochs", "1", "--log-every", "1", *SMALL]
+    assert main(["train", "--max-steps", "4", *common]) == 0
+    with open(out / "log.jsonl", "a") as f:  # steps logged after the checkpoint, then a kill mid-line
+        f.write(json.dumps({"kind": "step", "epoch": 1, "step": 5, "loss": 9.0, "lr": 0.01, "images_per_s": 1.0}))
+        f.write("\n{\"kind\": \"st")
+    assert main(["train", "--resume", str(out / "last.npz"), *common]) == 0
+    steps = [r["step"] for r in _log(out / "log.jsonl") if r["kind"] == "step"]
+    assert steps == list(range(1, 16)), steps
+    # The same classes, re-prepared at another size: not the dataset the run trained on.
+    assert main(["prepare", str(prepared / "images"), str(tmp_path / "data70"), "--size", "70", "--no-progress",
+                 "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "last.npz"), "--data", str(tmp_path / "data70"), "--out", str(out),
+                 "--epochs", "2", "--no-progress"]) == 2
+    assert "is not the prepared dataset this run trained on" in capsys.readouterr().err
+
+
 def test_training_refuses_what_it_cannot_do(prepared, capsys):
     data = str(prepared / "data")
     assert main(["train", "--data", data, "--out", str(prepared / "x"), "--crop", "99", "--no-progress"]) == 2
@@ -171,3 +208,7 @@ def test_training_refuses_what_it_cannot_do(prepared, capsys):
     assert "run 'pyalexnet prepare" in capsys.readouterr().err
     assert main(["eval", "--data", data, "--weights", str(prepared / "images" / "val" / "labels.txt")]) == 2
     assert "not a readable pyalexnet checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--data", data, "--weights", str(prepared / "images")]) == 2  # a directory: OSError
+    assert "error:" in capsys.readouterr().err
+    assert main(["train", "--data", data, "--out", str(prepared / "x"), "--max-steps", "0", *SMALL]) == 2
+    assert "max_steps" in capsys.readouterr().err
