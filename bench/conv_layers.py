@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, torch_flags, write_result
+from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, strict_torch, write_result
 
 from pyalexnet.architecture import named_conv_layers
 
@@ -66,12 +66,7 @@ def bench_layer(layer, batch, time_ms, torch) -> dict:
 def run(args) -> dict:
     import cupy as cp
 
-    try:
-        import torch
-
-        torch_flags(torch, "strict")
-    except ImportError:
-        torch = None
+    torch = strict_torch()
     time_ms = cuda_timer(cp, args.iters)
     rows = [bench_layer(layer, args.batch, time_ms, torch) for layer in ALEXNET_LAYERS]
     return {"bench": "conv_layers", **identity(cp, torch), "precision": "fp32, TF32 off on both sides",

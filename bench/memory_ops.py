@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, torch_flags, write_result
+from pyalexnet.bench import cuda_timer, gpu_present, identity, script_args, strict_torch, write_result
 
 # (op, layer, one image's input shape); the paper's hyperparameters (LRN 5/1e-4/0.75/2, pool 3/2, p = 0.5)
 CASES = [
@@ -91,12 +91,7 @@ def bench_case(op, layer, full, rng, time_ms, peak, torch) -> dict:
 def run(args) -> dict:
     import cupy as cp
 
-    try:
-        import torch
-
-        torch_flags(torch, "strict")
-    except ImportError:
-        torch = None
+    torch = strict_torch()
     time_ms = cuda_timer(cp, args.iters)
     peak = copy_bandwidth(cp, time_ms)
     rng = np.random.default_rng(0)

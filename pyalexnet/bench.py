@@ -95,6 +95,16 @@ def torch_flags(torch, mode):
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------------------
+def strict_torch():
+    """PyTorch with TF32 off (torch_flags "strict"), or None where it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch_flags(torch, "strict")
+    return torch
+
+
 def cuda_timer(cp, iters):
     """time_ms(fn, rotate=1): the median over `iters` runs of fn(i % rotate), in ms, timed with CUDA events after 3
     warm-up runs (`rotate` cycles through input buffers, so that L2 flatters no one)."""

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _backend
+from ._files import atomic_write
 from .model import AlexNet
 from .optim import SGD, schedule_from_state
 
@@ -82,24 +81,7 @@ def save(path, net: AlexNet, optimizer: SGD | None = None, extra: dict | None = 
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file would be, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(meta_bytes, dtype=np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: np.savez(f, meta=np.frombuffer(meta_bytes, dtype=np.uint8), **arrays))
 
 
 def load(path) -> Checkpoint:

@@ -32,7 +32,6 @@ import math
 import multiprocessing
 import os
 import queue
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -41,6 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import _checks as check
+from ._files import atomic_write
 
 log = logging.getLogger("pyalexnet.data")
 
@@ -141,20 +143,6 @@ def scan(src) -> dict:
 
 
 # ---- prepare ----------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _shard_task(args):
     """Worker: decodes one shard's files, writes its arrays, then its .json; returns the json dict."""
     out, split, index, files, labels, size, plan_hash = args
@@ -170,8 +158,8 @@ def _shard_task(args):
         except BadImage as e:
             skipped.append({"file": str(path), "reason": str(e)})
     array = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    _atomic_write(out / f"{stem}.npy", lambda f: np.save(f, array))
-    _atomic_write(out / f"{stem}.labels.npy", lambda f: np.save(f, np.asarray(kept, np.int32)))
+    atomic_write(out / f"{stem}.npy", lambda f: np.save(f, array))
+    atomic_write(out / f"{stem}.labels.npy", lambda f: np.save(f, np.asarray(kept, np.int32)))
     info = {"file": f"{stem}.npy", "labels": f"{stem}.labels.npy", "count": len(kept), "planned": len(files),
             "plan": plan_hash, "skipped": skipped}
     if split == "train":  # the sums the mean and the colour PCA need, in float64, 16 images at a time
@@ -182,9 +170,9 @@ def _shard_task(args):
             rgb_outer += pixels.T @ pixels
         stats = {"image_sum": array.sum(axis=0, dtype=np.float64), "rgb_sum": rgb_sum, "rgb_outer": rgb_outer,
                  "pixels": np.float64(array.shape[0] * size * size)}
-        _atomic_write(out / f"{stem}.stats.npz", lambda f: np.savez(f, **stats))
+        atomic_write(out / f"{stem}.stats.npz", lambda f: np.savez(f, **stats))
         info["stats"] = f"{stem}.stats.npz"
-    _atomic_write(out / f"{stem}.json", lambda f: f.write(json.dumps(info).encode()))  # last: the shard is done
+    atomic_write(out / f"{stem}.json", lambda f: f.write(json.dumps(info).encode()))  # last: the shard is done
     return split, index, info
 
 
@@ -289,12 +277,12 @@ def _finish(out: Path, listing: dict, done: dict, size: int) -> dict:
     eigenvalues, eigenvectors = np.linalg.eigh(cov)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, eigenvectors = np.maximum(eigenvalues[order], 0.0), eigenvectors[:, order]
-    _atomic_write(out / "mean.npy", lambda f: np.save(f, mean))
+    atomic_write(out / "mean.npy", lambda f: np.save(f, mean))
     manifest = {"format": FORMAT, "version": VERSION, "size": size, "classes": listing["classes"], "splits": splits,
                 "mean": "mean.npy", "rgb_mean": mu.tolist(),
                 "pca": {"eigenvalues": eigenvalues.tolist(), "eigenvectors": eigenvectors.tolist()},
                 "skipped": skipped}
-    _atomic_write(out / "dataset.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    atomic_write(out / "dataset.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     if skipped:
         log.warning("prepare: skipped %d unreadable file(s); dataset.json lists them", len(skipped))
     return manifest
@@ -424,11 +412,9 @@ class BatchLoader:
                  view: int = 0, depth: int = 2):
         self.data = dataset
         self.split = dataset.split(split)
-        self.batch_size, self.crop, self.train, self.seed, self.view = int(batch_size), int(crop), train, seed, view
-        if not 1 <= self.crop <= dataset.size:
-            raise ValueError(f"crop: expected 1 to {dataset.size} (the prepared size), got {crop}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        self.batch_size = check.positive_int(batch_size, "batch_size")
+        self.crop = check.integer(crop, "crop", 1, dataset.size + 1)
+        self.train, self.seed, self.view = train, seed, view
         if train and len(self.split) < self.batch_size:
             raise ValueError(f"batch_size {self.batch_size} exceeds the {len(self.split)} training images")
         self.depth = depth

@@ -22,6 +22,7 @@ import numpy as np
 import pyalexnet as pa
 from . import _backend
 from . import _checks as check
+from ._files import atomic_write
 from .data import BatchLoader, Dataset, eval_draws, load_image
 from .optim import SGD, Plateau, StepDecay
 
@@ -112,9 +113,7 @@ def plot_curves(log_path, png_path) -> None:
     panel(pad, "training loss", [("blue", steps)], max(losses) * 1.05 if losses else 1.0)
     panel(w // 2 + pad, "validation error: top-1 (red), top-5 (green)",
           [("red", [(s, e1) for s, e1, _ in epochs]), ("green", [(s, e5) for s, _, e5 in epochs])], 1.0)
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    im.save(tmp)
-    tmp.replace(png_path)
+    atomic_write(png_path, lambda f: im.save(f, format="PNG"))
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------------
@@ -245,9 +244,7 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
             if (rec.get("kind") == "step" and rec["step"] <= opt.steps) or \
                     (rec.get("kind") == "epoch" and rec["epoch"] <= epoch):
                 kept.append(line)
-        tmp = log_path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(log_path)
+        atomic_write(log_path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
     elif resume is None:
         log_path.unlink(missing_ok=True)
 

@@ -179,19 +179,19 @@ def test_an_interrupted_rerun_never_keeps_a_stale_shard(tmp_path, rng):
     listing = D.scan(tmp_path / "src")
     files = [str(p) for p, _ in listing["train"]]
     labels = [label for _, label in listing["train"]]
-    real_write = D._atomic_write
+    real_write = D.atomic_write
 
     def interrupted(path, write):
         if path.name == "train-00000.json":
             raise KeyboardInterrupt  # killed before the marker
         real_write(path, write)
 
-    D._atomic_write = interrupted
+    D.atomic_write = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             D._shard_task((str(out), "train", 0, files, labels, 8, D._plan_hash(files, labels, 8)))
     finally:
-        D._atomic_write = real_write
+        D.atomic_write = real_write
     extra.unlink()
     again = D.prepare(tmp_path / "src", out, size=8, workers=1, shard_images=64, progress=False)
     assert again == first

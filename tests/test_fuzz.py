@@ -242,7 +242,7 @@ def conv_cases(draw):
 
 
 def _conv_valid(xs, ws, stride, padding, groups):
-    (n, c, h, w), (k, cg, r, s) = xs, ws
+    (_, c, h, w), (k, cg, r, s) = xs, ws
     return (all(d >= 1 for d in (*xs, *ws)) and 1 <= stride < 2**31 and 0 <= padding < 2**20 and 1 <= groups
             and c % groups == 0 and k % groups == 0 and cg == c // groups and h + 2 * padding >= r
             and w + 2 * padding >= s)
