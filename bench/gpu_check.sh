@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The one-command check for a machine with a GPU: build, the whole test suite on the cuda backend,
-# compute-sanitizer (memcheck, racecheck, synccheck) over the kernel tests, `pyalexnet bench`, and a short
-# training run from JPEG files through the whole data pipeline (prepare, loader, augmentation kernel).
+# compute-sanitizer (memcheck, racecheck, synccheck) over the kernel tests, `pyalexnet bench`, `pyalexnet profile`'s
+# prediction for this card beside what bench measured (bench/calibrate.py), and a short training run from JPEG
+# files through the whole data pipeline (prepare, loader, augmentation kernel).
 #
-#   bash bench/gpu_check.sh [--stage build|test|sanitize|bench|train|all] [--out DIR]
+#   bash bench/gpu_check.sh [--stage build|test|sanitize|bench|profile|train|all] [--out DIR]
 #
 # Each stage fits in 10 minutes; where one command may run no longer, run the stages one per command (the
 # build first). Everything lands in DIR (default bench/out/gpu-check): summary.txt, one log per stage,
-# bench.json and bench.png. Commit bench.json as bench/results/<date>-<card>-<commit>-bench.json (its fields
-# say which) and regenerate bench/RESULTS.md with `python bench/results_md.py`.
+# bench.json and bench.png, profile.json and calibration.json. Commit bench.json as
+# bench/results/<date>-<card>-<commit>-bench.json and calibration.json as ...-calibration.json (their fields say
+# which) and regenerate bench/RESULTS.md with `python bench/results_md.py`.
 # The build needs no network (pip --no-build-isolation: pybind11, CMake, ninja and setuptools must be there);
 # CUDAARCHS (default 90, the H100/H200) chooses what nvcc compiles for.
 set -uo pipefail
-usage() { echo "usage: $0 [--stage build|test|sanitize|bench|train|all] [--out DIR]" >&2; exit 2; }
+usage() { echo "usage: $0 [--stage build|test|sanitize|bench|profile|train|all] [--out DIR]" >&2; exit 2; }
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 stage=all
 out="$repo/bench/out/gpu-check"
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 cd "$repo"
-case "$stage" in build|test|sanitize|bench|train|all) ;; *) echo "unknown stage '$stage'" >&2; exit 2 ;; esac
+case "$stage" in build|test|sanitize|bench|profile|train|all) ;; *) echo "unknown stage '$stage'" >&2; exit 2 ;; esac
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 summary="$out/summary.txt"
@@ -71,6 +73,21 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
     : > "$out/bench.log"
     run bench "$out/bench.log" tests env PYALEXNET_BACKEND=cuda timeout 580 python -m pyalexnet bench \
         --checkout "$repo" --json "$out/bench.json"
+fi
+if [ "$stage" = profile ] || [ "$stage" = all ]; then
+    : > "$out/profile.log"
+    # The prediction for the card at hand (it runs on the emulator, on the CPUs), then predicted beside measured.
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)" in
+        *H200*) card=h200 ;; *A100*) card=a100 ;; *) card=h100 ;;
+    esac
+    run profile "$out/profile.log" tests timeout 580 python -m pyalexnet profile --card "$card" \
+        --json "$out/profile.json"
+    if [ -f "$out/bench.json" ]; then
+        run calibrate "$out/profile.log" python "$repo/bench/calibrate.py" --profile "$out/profile.json" \
+            --bench "$out/bench.json" --out "$out/calibration.json"
+    else
+        echo "no bench.json in $out: run the bench stage first to compare" >> "$out/profile.log"
+    fi
 fi
 if [ "$stage" = train ] || [ "$stage" = all ]; then
     : > "$out/train.log"

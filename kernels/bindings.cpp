@@ -26,7 +26,12 @@
 namespace pa_emu {
 int worker_count();  // emu/runtime.cpp
 }
+#if defined(PA_EMU_PROFILE)
+#include "emu/counters.h"
+#define PA_MODULE _emu_profile  // the counting build: the same kernels, every memory access counted
+#else
 #define PA_MODULE _emu
+#endif
 #define PA_INTERFACE "__array_interface__"
 #define PA_ARRAY_KIND "a host array (NumPy, or anything with __array_interface__)"
 #endif
@@ -566,6 +571,15 @@ void selftest_index64(py::handle x, py::handle y, uintptr_t stream) {
     pa::selftest_index64(f32(ax), f32(ay), int_dim(ax.size, "n"), stream_arg(stream));
 }
 
+void selftest_memory_pattern(const std::string& pattern, py::handle x, py::handle y, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    expect_shape(ax, "x", {65536});
+    expect_shape(ay, "y", {4096});
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}}, false);
+    py::gil_scoped_release nogil;
+    pa::selftest_memory_pattern(pattern.c_str(), f32(ax), f32(ay), stream_arg(stream));
+}
+
 void selftest_uninitialised_shared(py::handle out, uintptr_t stream) {
     const Array aout = array_arg(out, "out", "f4", true);
     expect_shape(aout, "out", {128});
@@ -621,6 +635,44 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.attr("sanitizer") = py::none();
 #endif
     m.def("synchronize", [] {}, "Emulated launches are synchronous: nothing to wait for.");
+#if defined(PA_EMU_PROFILE)
+    m.attr("profile") = true;
+    m.def("profile_set_interior_samples", &pa_emu::prof::set_interior_samples, py::arg("n"),
+          "0: run every block of every launch; n > 0: per grid dimension, the first, the last and n interior blocks.");
+    m.def("profile_interior_samples", &pa_emu::prof::interior_samples);
+    m.def("profile_take", [] {
+        std::vector<pa_emu::prof::LaunchCounts> launches;
+        {
+            py::gil_scoped_release nogil;
+            launches = pa_emu::prof::take_launches();
+        }
+        py::list out;
+        for (const auto& l : launches) {
+            py::list instructions, buffers;
+            for (const auto& c : l.instructions)
+                instructions.append(py::dict(py::arg("pc") = c.pc, py::arg("space") = c.space == 0 ? "global" : "shared",
+                                             py::arg("kind") = c.kind == 0 ? "load" : c.kind == 1 ? "store" : "atomic",
+                                             py::arg("width") = c.width, py::arg("instructions") = c.instructions,
+                                             py::arg("lanes") = c.lanes, py::arg("sectors") = c.sectors,
+                                             py::arg("ideal_sectors") = c.ideal_sectors, py::arg("wavefronts") = c.wavefronts,
+                                             py::arg("ideal_wavefronts") = c.ideal_wavefronts));
+            for (const auto& b : l.buffers)
+                buffers.append(py::dict(py::arg("argument") = b.argument, py::arg("read_bytes") = b.read_bytes,
+                                        py::arg("write_bytes") = b.write_bytes, py::arg("extent") = b.extent));
+            out.append(py::dict(
+                py::arg("kernel") = l.kernel, py::arg("name") = l.name, py::arg("file") = l.file, py::arg("line") = l.line,
+                py::arg("grid") = py::make_tuple(l.grid[0], l.grid[1], l.grid[2]),
+                py::arg("block") = py::make_tuple(l.block[0], l.block[1], l.block[2]),
+                py::arg("dynamic_shared") = l.dynamic_shared, py::arg("static_shared") = l.static_shared,
+                py::arg("ctas") = l.ctas, py::arg("sampled_ctas") = l.sampled_ctas, py::arg("barriers") = l.barriers,
+                py::arg("other_global_bytes") = l.other_global_bytes, py::arg("instructions") = instructions,
+                py::arg("buffers") = buffers));
+        }
+        return out;
+    }, "Every launch counted since the last call (see kernels/emu/counters.h), oldest first.");
+#else
+    m.attr("profile") = false;
+#endif
 #endif
     const auto s = py::arg("stream") = uintptr_t(0);
     m.def("relu_forward", &relu_forward, py::arg("x"), py::arg("y"), s, "y = max(x, 0), NaN kept.");
@@ -668,4 +720,5 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("selftest_uninitialised_shared", &selftest_uninitialised_shared, py::arg("out"), s);
     m.def("selftest_static_shared_bytes", &pa::selftest_static_shared_bytes);
     m.def("selftest_index64", &selftest_index64, py::arg("x"), py::arg("y"), s);
+    m.def("selftest_memory_pattern", &selftest_memory_pattern, py::arg("pattern"), py::arg("x"), py::arg("y"), s);
 }

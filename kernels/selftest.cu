@@ -168,6 +168,57 @@ void selftest_index64(const float* x, float* y, int n, Stream stream) {
               offset, offset + n, SelftestTimesTwo{});
 }
 
+// ---- memory patterns with known costs: what the counting emulator (pyalexnet profile) must count exactly -------
+// x holds 65536 floats, y 4096. Each is correct CUDA, run on both backends; the comments give the counts.
+//   coalesced   y[i] = x[i], 4096 threads, one warp a block: each warp load and store covers 128 contiguous
+//               bytes, 4 sectors
+//   stride32    y[i] = x[32 i], 2048 threads, one warp a block: each lane's float in a sector of its own, 32
+//               sectors per load
+//   bank32      one warp writes and reads column 0 of a 32 x 32 shared tile: every word in bank 0, 32 wavefronts
+//   broadcast   lane 0 writes one shared word, then all 32 lanes read it: 1 wavefront each
+//   tail6       6 blocks of 256 threads, each thread 4096 FFMAs per shared load it broadcasts: FMA-bound work
+//               on 6 of the card's SMs, which the model must call "tail"
+__global__ void __launch_bounds__(32) selftest_copy_kernel(const float* x, float* y, int stride) {
+    const int i = blockIdx.x * 32 + threadIdx.x;
+    y[i] = x[int64_t(i) * stride];
+}
+
+__global__ void __launch_bounds__(32) selftest_bank_kernel(const float* x, float* y, int broadcast) {
+    __shared__ float tile[32][32];
+    const int lane = threadIdx.x;
+    if (broadcast) {
+        if (lane == 0) tile[0][0] = x[0];
+        __syncwarp();
+        y[lane] = tile[0][0];
+    } else {
+        tile[lane][0] = x[lane];
+        __syncwarp();
+        y[lane] = tile[lane][0];
+    }
+}
+
+__global__ void __launch_bounds__(256) selftest_fma_kernel(const float* x, float* y) {
+    __shared__ float coefficient[64];
+    if (threadIdx.x < 64) coefficient[threadIdx.x] = x[threadIdx.x];
+    __syncthreads();
+    float a0 = x[threadIdx.x], a1 = a0 + 1.0f, a2 = a0 + 2.0f, a3 = a0 + 3.0f;
+    for (int k = 0; k < 1024; ++k) {
+        const float c = coefficient[k % 64];  // the same word for every lane: a broadcast
+        a0 = a0 * c + 0.5f, a1 = a1 * c + 0.25f, a2 = a2 * c + 0.125f, a3 = a3 * c + 0.0625f;
+    }
+    y[blockIdx.x * 256 + threadIdx.x] = a0 + a1 + a2 + a3;
+}
+
+void selftest_memory_pattern(const char* pattern, const float* x, float* y, Stream stream) {
+    const cudaStream_t st = as_stream(stream);
+    if (std::strcmp(pattern, "coalesced") == 0) PA_LAUNCH(selftest_copy_kernel, 128, 32, 0, st, x, y, 1);
+    else if (std::strcmp(pattern, "stride32") == 0) PA_LAUNCH(selftest_copy_kernel, 64, 32, 0, st, x, y, 32);
+    else if (std::strcmp(pattern, "bank32") == 0) PA_LAUNCH(selftest_bank_kernel, 1, 32, 0, st, x, y, 0);
+    else if (std::strcmp(pattern, "broadcast") == 0) PA_LAUNCH(selftest_bank_kernel, 1, 32, 0, st, x, y, 1);
+    else if (std::strcmp(pattern, "tail6") == 0) PA_LAUNCH(selftest_fma_kernel, 6, 256, 0, st, x, y);
+    else throw KernelError(std::string("selftest_memory_pattern: unknown pattern '") + pattern + "'");
+}
+
 // ---- planted faults ------------------------------------------------------------------------------------------
 __global__ void planted_divergent_barrier(float* s) {
     if (threadIdx.x < 16) {

@@ -276,11 +276,17 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["profile"]:
+        from . import profile
+
+        return profile.main(argv[1:])
     parser = argparse.ArgumentParser(prog="pyalexnet", description="AlexNet from hand-written CUDA kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="which backend runs the kernels")
     sub.add_parser("check", help="run every kernel against the float64 reference")
     sub.add_parser("bench", help="training throughput and per-layer times against PyTorch (pyalexnet bench --help)")
+    sub.add_parser("profile", help="predicted time of every layer pass on a named GPU, without one "
+                                   "(pyalexnet profile --help)")
     p = sub.add_parser("demo-data", help="write a small synthetic ImageFolder")
     p.add_argument("out")
     p.add_argument("--train-per-class", type=int, default=80)

@@ -40,6 +40,30 @@ _NAMES = {
 # The paper's initialisation: biases 1 for conv2, conv4, conv5 and the hidden FC layers, 0 elsewhere.
 _BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}
 
+# Called as trace(layer, pass) before each layer's launches when set (pyalexnet.profile uses it to name every
+# launch): layer is a display name from layer_labels(), pass one of "forward", "dgrad" (the data gradient),
+# "wgrad" (the filter and bias gradients) and "backward" (layers without weights; linear layers: their whole
+# backward, whose launches are dx, then dw and db, see kernels/linear.cu).
+trace = None
+
+
+def layer_labels(specs) -> list[str]:
+    """A short name per spec, numbered after the weighted layer it follows: conv1, relu1, lrn1, pool1, ..., fc6,
+    relu6, dropout7 (the dropout before fc7 in torchvision's placement is numbered after fc7), fc8."""
+    labels, index = [], 0
+    weighted = [i for i, s in enumerate(specs) if s[0] in ("conv", "linear")]
+    for i, spec in enumerate(specs):
+        kind = spec[0]
+        if kind in ("conv", "linear"):
+            index += 1
+            labels.append(("conv" if kind == "conv" else "fc") + str(index))
+        elif kind == "dropout":
+            following = next(j for j in weighted if j > i)  # dropout feeds the next FC layer
+            labels.append(f"dropout{weighted.index(following) + 1}")
+        else:
+            labels.append(f"{kind}{index}")
+    return labels
+
 
 def layer_specs(variant: str, num_classes: int = 1000, width: float = 1.0) -> list[tuple]:
     """The network as data: ("conv", name, out, kernel, stride, padding, groups, bias init), ("relu",), ("lrn",),
@@ -87,6 +111,7 @@ class AlexNet:
         self.seed = check.seed(seed)
         self.width = check.positive_finite(width, "width")
         self.specs = layer_specs(variant, num_classes, width)
+        self.labels = layer_labels(self.specs)
         default_size = 227 if variant == "paper" else 224
         self.input_size = check.positive_int(default_size if input_size is None else input_size, "input_size")
         self.shapes = self._infer_shapes()  # each layer's input shape, one image; the last entry is the output
@@ -221,6 +246,8 @@ class AlexNet:
         acts[0] = x
         for i, spec in enumerate(self.specs):
             a, out, kind = acts[i], ws["outs"][i], spec[0]
+            if trace is not None and kind != "flatten":
+                trace(self.labels[i], "forward")
             if kind == "conv":
                 _, name, _, _, stride, padding, groups, _ = spec
                 mod.conv_forward(a, self._params[f"{name}.weight"], self._params[f"{name}.bias"], out, stride,
@@ -266,6 +293,8 @@ class AlexNet:
         for i in range(len(self.specs) - 1, -1, -1):
             spec, kind = self.specs[i], self.specs[i][0]
             a_in, a_out, dx = acts[i], acts[i + 1], ws["grads"][i]
+            if trace is not None and kind != "flatten":
+                trace(self.labels[i], "wgrad" if kind == "conv" else "backward")
             if kind == "conv":
                 _, name, _, _, stride, padding, groups, _ = spec
                 w = self._params[f"{name}.weight"]
@@ -273,6 +302,8 @@ class AlexNet:
                                          padding, groups, stream=stream)
                 if i == 0:
                     break  # nobody needs the gradient of the images
+                if trace is not None:
+                    trace(self.labels[i], "dgrad")
                 mod.conv_backward_data(g, w, dx, stride, padding, groups, stream=stream)
             elif kind == "relu":
                 mod.relu_backward(g, a_out, dx, stream=stream)

@@ -202,7 +202,19 @@ struct LaunchInfo {
     dim3 block;
     size_t dynamic_shared;
     const void* kernel;
+    // The counting build's view of the arguments: the values of the pointer arguments (the buffers a kernel
+    // reads and writes), and where the argument tuple and the thread body live (the runtime's, not kernel data).
+    const uintptr_t* pointers = nullptr;
+    int npointers = 0;
+    const void* args = nullptr;
+    size_t args_bytes = 0;
+    const void* body = nullptr;
+    size_t body_bytes = 0;
 };
+template <class T>
+inline void collect_pointer(const T& a, uintptr_t* out, int& n) {
+    if constexpr (std::is_pointer_v<T>) out[n++] = reinterpret_cast<uintptr_t>(a);
+}
 void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_body);
 void set_max_dynamic_shared(const void* kernel, size_t bytes);
 int worker_count();
@@ -239,8 +251,17 @@ void launch(const char* name, const char* file, int line, void (*kernel)(Params.
     static_assert(sizeof...(Params) == sizeof...(Args), "kernel launched with the wrong number of arguments");
     const std::tuple<std::decay_t<Params>...> packed(std::forward<Args>(args)...);
     const std::function<void()> body = [&packed, kernel] { std::apply(kernel, packed); };
-    pa_emu::launch_blocks({name, file, line, grid, block, dynamic_shared, reinterpret_cast<const void*>(kernel)},
-                          body);
+    uintptr_t pointers[sizeof...(Params) + 1] = {};
+    int npointers = 0;
+    std::apply([&](const auto&... a) { (pa_emu::collect_pointer(a, pointers, npointers), ...); }, packed);
+    pa_emu::LaunchInfo info{name, file, line, grid, block, dynamic_shared, reinterpret_cast<const void*>(kernel)};
+    info.pointers = pointers;
+    info.npointers = npointers;
+    info.args = &packed;
+    info.args_bytes = sizeof packed;
+    info.body = &body;
+    info.body_bytes = sizeof body;
+    pa_emu::launch_blocks(info, body);
 }
 
 template <class... Params>

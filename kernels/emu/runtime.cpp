@@ -57,6 +57,16 @@
 #define PA_EMU_RACE 0
 #endif
 
+// The counting build (pyalexnet._emu_profile, see counters.h): every access of kernel code is counted per
+// warp instruction; the scheduler tells the counters which thread runs, where barriers fall and where blocks
+// end, and may run only a sample of the grid's blocks.
+#if defined(PA_EMU_PROFILE)
+#include "counters.h"
+#define PA_EMU_PROF 1
+#else
+#define PA_EMU_PROF 0
+#endif
+
 namespace pa_emu {
 
 __thread const uint3* t_thread_idx = nullptr;
@@ -399,10 +409,13 @@ void resolve_stall(Worker& w) {
         ++w.fibers[i].who.epoch;  // everything before the barrier happened before everything after it
 #endif
     }
+#if PA_EMU_PROF
+    prof::barrier();
+#endif
 }
 
 void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<size_t, size_t>>& static_shared,
-               unsigned char* static_base, long long linear_block) {
+               unsigned char* static_base, long long linear_block, double weight) {
     const dim3 g = info.grid, b = info.block;
     t_block_idx = {unsigned(linear_block % g.x), unsigned(linear_block / g.x % g.y), unsigned(linear_block / (g.x * 1ull * g.y))};
     t_block_dim = b;
@@ -440,6 +453,32 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     if (w.tls_block) memory.shared.emplace_back(w.tls_block, w.tls_block + w.tls_size);
     race::begin_block(memory);
 #endif
+#if PA_EMU_PROF
+    {
+        prof::BlockMemory memory;
+        memory.stacks_begin = w.stacks;
+        memory.stacks_end = w.stacks + kMaxThreadsPerBlock * kStackBytes;
+        memory.shared.emplace_back(t_dynamic_shared, w.dynamic_guard);
+        if (w.tls_block) memory.shared.emplace_back(w.tls_block, w.tls_block + w.tls_size);
+        // What kernel code reads that is the runtime's: the built-in variables (in TLS, which otherwise counts as
+        // shared memory), each fiber's threadIdx, and the launch's argument tuple and thread body.
+        auto ignore = [&](const void* p, size_t bytes) {
+            const auto* c = static_cast<const unsigned char*>(p);
+            memory.ignored.emplace_back(c, c + bytes);
+        };
+        ignore(&t_thread_idx, sizeof t_thread_idx);
+        ignore(&t_block_idx, sizeof t_block_idx);
+        ignore(&t_block_dim, sizeof t_block_dim);
+        ignore(&t_grid_dim, sizeof t_grid_dim);
+        ignore(&t_dynamic_shared, sizeof t_dynamic_shared);
+        ignore(w.fibers.data(), w.fibers.size() * sizeof(Fiber));
+        if (info.args) ignore(info.args, info.args_bytes);
+        if (info.body) ignore(info.body, info.body_bytes);
+        prof::begin_block(memory, w.nthreads, weight);
+    }
+#else
+    (void)weight;
+#endif
     for (auto& warp : w.groups)
         for (auto& grp : warp) grp.in_use = false;
     w.error.clear();
@@ -454,7 +493,13 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
 #if PA_EMU_RACE
             race::t_who = &f.who;
 #endif
+#if PA_EMU_PROF
+            prof::set_thread(i);
+#endif
             resume(w, f);
+#if PA_EMU_PROF
+            prof::set_thread(-1);
+#endif
 #if PA_EMU_RACE
             race::t_who = nullptr;
 #endif
@@ -483,6 +528,9 @@ struct Job {
     const std::vector<std::pair<size_t, size_t>>* static_shared = nullptr;  // (offset, bytes) to poison
     unsigned char* module_base = nullptr;  // the ASan build's static shared memory is at module_base + offset
     long long nblocks = 0;
+#if PA_EMU_PROF
+    const std::vector<prof::Sample>* sample = nullptr;  // the blocks to run (nblocks of them), or null: all
+#endif
     std::atomic<long long> next{0};
     std::atomic<bool> failed{false};
     std::mutex error_mutex;
@@ -494,9 +542,16 @@ void work_on(Worker& w, Job& job) {
     w.info = job.info;
     for (;;) {
         if (job.failed.load(std::memory_order_relaxed)) return;
-        const long long blk = job.next.fetch_add(1, std::memory_order_relaxed);
+        long long blk = job.next.fetch_add(1, std::memory_order_relaxed);
         if (blk >= job.nblocks) return;
-        run_block(w, *job.info, *job.static_shared, PA_EMU_ASAN ? job.module_base : w.tls_block, blk);
+        double weight = 1.0;
+#if PA_EMU_PROF
+        if (job.sample) weight = (*job.sample)[size_t(blk)].weight, blk = (*job.sample)[size_t(blk)].block;
+#endif
+        run_block(w, *job.info, *job.static_shared, PA_EMU_ASAN ? job.module_base : w.tls_block, blk, weight);
+#if PA_EMU_PROF
+        prof::end_block();
+#endif
         if (!w.error.empty()) {
             std::lock_guard<std::mutex> lk(job.error_mutex);
             if (!job.failed.load()) {
@@ -663,6 +718,7 @@ struct StaticShared {
     long long bytes = -1;                              // -1: unknown (no symbol table)
     std::vector<std::pair<size_t, size_t>> objects;    // (TLS offset, size) of each __shared__ variable
     unsigned char* module_base = nullptr;              // where plain statics (the ASan build) are
+    std::string symbol;                                // the kernel's mangled name, empty if unknown
 };
 
 // The kernel's static shared memory, measured once and cached (map nodes never move, so the reference stays valid).
@@ -681,6 +737,7 @@ const StaticShared& static_shared(const void* kernel) {
         const uintptr_t offset = reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase);
         auto fn = table.functions.find(offset);
         found.module_base = static_cast<unsigned char*>(info.dli_fbase);
+        if (fn != table.functions.end()) found.symbol = fn->second;
         if (table.loaded && fn != table.functions.end() && fn->second.rfind("_Z", 0) == 0) {
             const std::string prefix = "_ZZ" + fn->second.substr(2) + "E";
             found.bytes = 0;
@@ -946,6 +1003,19 @@ void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_b
     if (job.failed && !race_report.empty())
         throw pa::KernelError(where + ", " + job.error + " (the race checker also saw a " + race_report + ")");
     if (!race_report.empty()) throw pa::KernelError(where + ", " + race_report);
+#elif PA_EMU_PROF
+    // One launch at a time through the counters, from begin to end, whichever Python threads launch.
+    static std::mutex* prof_mutex = new std::mutex;
+    {
+        std::lock_guard<std::mutex> lk(*prof_mutex);
+        const std::vector<prof::Sample> sample = prof::begin_launch(info, shared.symbol, shared.bytes);
+        if (!sample.empty()) {
+            job.sample = &sample;
+            job.nblocks = (long long)sample.size();
+        }
+        pool().run(job);
+        prof::end_launch(job.failed);
+    }
 #else
     pool().run(job);
 #endif
