@@ -604,7 +604,8 @@ void selftest_planted(const std::string& fault, py::handle scratch) {
 
 PYBIND11_MODULE(PA_MODULE, m) {
     m.doc() = "pyalexnet kernels (see kernels/kernels.h for each launcher's contract)";
-    py::register_exception<pa::KernelError>(m, "KernelError", PyExc_RuntimeError);
+    // Module-local: each of _emu, _emu_profile and _cuda raises its own KernelError, whichever was imported last.
+    py::register_local_exception<pa::KernelError>(m, "KernelError", PyExc_RuntimeError);
 #if defined(PA_BACKEND_CUDA)
     m.attr("backend") = "cuda";
     m.def("device_status", []() -> py::tuple {

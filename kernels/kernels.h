@@ -89,7 +89,7 @@ void selftest_planted(const char* fault, float* scratch, Stream stream);
 // The static shared memory of selftest_tiled_gemm's kernel as the backend measures it (ptxas says 2112 B).
 long long selftest_static_shared_bytes();
 void selftest_index64(const float* x, float* y, int n, Stream stream);  // y = 2 x, indexed from 2^32 + 3
-// x: 65536 floats, y: 4096; pattern: coalesced, stride32, bank32, broadcast, tail6 (see selftest.cu).
+// x: 65536 floats, y: 4096; pattern: coalesced, stride32, bank32, broadcast, predicated, tail6 (selftest.cu).
 void selftest_memory_pattern(const char* pattern, const float* x, float* y, Stream stream);
 
 }  // namespace pa

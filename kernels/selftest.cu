@@ -176,6 +176,8 @@ void selftest_index64(const float* x, float* y, int n, Stream stream) {
 //               sectors per load
 //   bank32      one warp writes and reads column 0 of a 32 x 32 shared tile: every word in bank 0, 32 wavefronts
 //   broadcast   lane 0 writes one shared word, then all 32 lanes read it: 1 wavefront each
+//   predicated  one warp, 8 iterations split by barriers; in iteration i only lanes i..31 load x[32 i + lane]:
+//               8 warp loads (228 lanes in all), each 4 sectors, though lane 0 loads 8 times and lane 7 once
 //   tail6       6 blocks of 256 threads, each thread 4096 FFMAs per shared load it broadcasts: FMA-bound work
 //               on 6 of the card's SMs, which the model must call "tail"
 __global__ void __launch_bounds__(32) selftest_copy_kernel(const float* x, float* y, int stride) {
@@ -197,6 +199,16 @@ __global__ void __launch_bounds__(32) selftest_bank_kernel(const float* x, float
     }
 }
 
+__global__ void __launch_bounds__(32) selftest_predicated_kernel(const float* x, float* y) {
+    const int lane = threadIdx.x;
+    float acc = 0.0f;
+    for (int i = 0; i < 8; ++i) {
+        if (lane >= i) acc += x[32 * i + lane];
+        __syncthreads();
+    }
+    y[lane] = acc;
+}
+
 __global__ void __launch_bounds__(256) selftest_fma_kernel(const float* x, float* y) {
     __shared__ float coefficient[64];
     if (threadIdx.x < 64) coefficient[threadIdx.x] = x[threadIdx.x];
@@ -215,6 +227,7 @@ void selftest_memory_pattern(const char* pattern, const float* x, float* y, Stre
     else if (std::strcmp(pattern, "stride32") == 0) PA_LAUNCH(selftest_copy_kernel, 64, 32, 0, st, x, y, 32);
     else if (std::strcmp(pattern, "bank32") == 0) PA_LAUNCH(selftest_bank_kernel, 1, 32, 0, st, x, y, 0);
     else if (std::strcmp(pattern, "broadcast") == 0) PA_LAUNCH(selftest_bank_kernel, 1, 32, 0, st, x, y, 1);
+    else if (std::strcmp(pattern, "predicated") == 0) PA_LAUNCH(selftest_predicated_kernel, 1, 32, 0, st, x, y);
     else if (std::strcmp(pattern, "tail6") == 0) PA_LAUNCH(selftest_fma_kernel, 6, 256, 0, st, x, y);
     else throw KernelError(std::string("selftest_memory_pattern: unknown pattern '") + pattern + "'");
 }

@@ -210,8 +210,10 @@ def occupancy(rec, facts, card) -> tuple[int, str]:
     regs = max(1, facts.registers if facts else 32)
     per_warp = math.ceil(regs * 32 / card.register_unit) * card.register_unit
     static = facts.static_shared if facts else max(0, rec["static_shared"])
-    smem = static + rec["dynamic_shared"] + card.shared_reserved_per_block
-    limits = {"registers": (card.registers_per_sm // per_warp) // warps,
+    smem = math.ceil((static + rec["dynamic_shared"]) / 128) * 128 + card.shared_reserved_per_block  # 128 B units
+    # The register file is split among the four schedulers: warps per scheduler, times four (cuda_occupancy.h).
+    warps_by_registers = (card.registers_per_sm // 4 // per_warp) * 4
+    limits = {"registers": warps_by_registers // warps,
               "shared memory": card.shared_per_sm // smem,
               "threads": card.max_threads_per_sm // (warps * 32),
               "blocks": card.max_blocks_per_sm}
@@ -252,7 +254,7 @@ def predict(rec, facts, card) -> dict:
 
     wavefronts = sum(i["wavefronts"] for i in rec["instructions"] if i["space"] == "shared")
     sectors = sum(i["sectors"] for i in rec["instructions"] if i["space"] == "global")
-    global_loads = sum(i["instructions"] for i in rec["instructions"] if i["space"] == "global")
+    global_requests = sum(i["instructions"] for i in rec["instructions"] if i["space"] == "global")
     dram = sum(b["read_bytes"] + b["write_bytes"] for b in rec["buffers"])
 
     t = {}
@@ -264,9 +266,9 @@ def predict(rec, facts, card) -> dict:
     t["dram"] = dram / (card.dram_gbps * 1e9)
     miss = min(1.0, dram / (sectors * 32)) if sectors else 1.0
     latency = (card.l2_latency_ns + miss * (card.dram_latency_ns - card.l2_latency_ns)) * 1e-9
-    steps = rec["barriers"] / ctas + 1 if global_loads else 0
+    steps = rec["barriers"] / ctas + 1 if global_requests else 0
     in_flight_loads = max(1, sum(hot.mix.get(c, 0) for c in ("LDG", "LDG.128"))) if hot else 1
-    bytes_per_load = sectors * 32 / global_loads if global_loads else 0
+    bytes_per_load = sectors * 32 / global_requests if global_requests else 0
     in_flight = active * min(resident, per_sm) * warps_cta * in_flight_loads * bytes_per_load
     little = sectors * 32 * latency / in_flight if in_flight else 0
     t["latency"] = max(waves * steps * latency, little)
@@ -396,17 +398,53 @@ def pass_name(row) -> str:
 def format_table(result) -> str:
     head = (f"pyalexnet profile: {result['variant']} batch {result['batch']} on {result['card']}, "
             f"commit {result['commit']} -- {NOTE}")
-    lines = [head, "", f"{'pass':<22} {'ms':>8} {'%fp32':>6} {'bound':<8} {'launches':>8}  worst line"]
+    lines = [head, "", f"{'pass':<22} {'time':>21} {'%fp32':>6} {'bound':<8} {'launches':>8}  worst source line"]
     for r in result["passes"]:
         pct = f"{r['pct_fp32_peak']:.0f}" if r["pct_fp32_peak"] is not None else "-"
-        lines.append(f"{pass_name(r):<22} {r['ms']:8.3f} {pct:>6} {r['bound']:<8} {len(r['launches']):>8}  "
-                     f"{r['worst_line'] or '-'}")
+        lines.append(f"{pass_name(r):<22} {r['ms']:8.3f} ms predicted {pct:>6} {r['bound']:<8} "
+                     f"{len(r['launches']):>8}  {r['worst_line'] or '-'}")
     lines += ["", f"whole step (predicted): {result['step_ms']:.2f} ms, {result['images_per_s']:,.0f} images/s, "
                   f"{result['step_pct_fp32_peak']:.0f}% of fp32 peak, {result['launch_count']} launches",
               f"fp32 roofline floor (predicted): {result['floor_ms']:.2f} ms "
               f"(each pass at the larger of its FLOPs at fp32 peak and its unique bytes at DRAM bandwidth); "
               f"the step is {result['step_ms'] / result['floor_ms']:.1f}x the floor",
               f"every figure above is {NOTE}"]
+    return "\n".join(lines)
+
+
+def demangle(names) -> dict[str, str]:
+    """Mangled -> readable kernel names (through c++filt where binutils has it)."""
+    names = list(names)
+    try:
+        r = subprocess.run(["c++filt", *names], capture_output=True, text=True, check=False)
+        out = r.stdout.splitlines()
+    except OSError:
+        out = []
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def format_kernels(result) -> str:
+    """The static facts (SASS) of every kernel the step launches, with the occupancy of its first launch."""
+    first = {}
+    for r in result["passes"]:
+        for e in r["launches"]:
+            first.setdefault(e["kernel"], e)
+    readable = demangle(first)
+    classes = ["FFMA", "LDS.128", "LDS", "STS", "LDG", "LDG.128", "STG", "BAR", "integer", "division"]
+    lines = [f"kernels of the step, {result['sass_arch']} SASS -- {NOTE}", "",
+             f"{'regs':>4} {'smem':>6} {'spill':>5} {'CTAs/SM':>7} {'limit':<13} {'loop':>5} " +
+             " ".join(f"{c:>7}" for c in classes) + "  kernel"]
+    for name, e in first.items():
+        k = result["kernels"].get(name)
+        if k is None:
+            lines.append(f"{'?':>4} {'?':>6} {'?':>5} {e['resident_ctas']:>7} {e['occupancy_limiter']:<13}  (no SASS)  "
+                         f"{readable[name]}")
+            continue
+        hot = k["hot_loop"] or {"instructions": 0, "mix": {}}
+        lines.append(f"{k['registers']:>4} {k['static_shared']:>6} {k['spills']:>5} {e['resident_ctas']:>7} "
+                     f"{e['occupancy_limiter']:<13} {hot['instructions']:>5} " +
+                     " ".join(f"{hot['mix'].get(c, 0):>7}" for c in classes) + f"  {readable[name]}")
+    lines.append("(loop: instructions per iteration of the hot loop, and its mix per iteration)")
     return "\n".join(lines)
 
 
@@ -466,6 +504,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-json", action="store_true", help="print only")
     parser.add_argument("--update-baseline", action="store_true", help=f"also write {BASELINE} from this run")
     parser.add_argument("--markdown", action="store_true", help="print the per-pass table as Markdown too")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also print every kernel's registers, shared memory, spills, occupancy and hot-loop mix")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
@@ -477,6 +517,9 @@ def main(argv=None) -> int:
         print(f"pyalexnet profile: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
+    if args.kernels:
+        print()
+        print(format_kernels(result))
     if args.markdown:
         print()
         print(format_markdown(result))

@@ -3,7 +3,7 @@
 For each kernel of ``pyalexnet._cuda`` at one architecture (sm_90, sm_80, ...): registers, static shared memory,
 stack and spills (``cuobjdump -res-usage``) and the instruction mix (``cuobjdump -sass``) of the whole kernel and
 of its hot loop, per iteration. Loops are found from backward branches; the hot loop is the innermost loop with
-the most FFMA/HMMA (a kernel without floating-point loops: the longest innermost loop). No GPU is needed:
+the most FFMA/HMMA (a kernel without them: the innermost loop with the most memory instructions). No GPU is needed:
 cuobjdump reads the fatbinary inside the module. It comes with the CUDA toolkit, or, where the toolkit lacks
 it, from the ``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm`` wheels (dependencies of this package on Linux).
 """
@@ -201,8 +201,14 @@ def _analyse(k: KernelFacts, instrs: list) -> None:
         if not t:
             continue
         target = int(t.group(1), 16)
-        if target <= addr:
+        if target < addr:  # (a branch to itself is the padding spin after the last EXIT, not a loop)
             loops.append(Loop(target, addr))
+    # Several back edges to one header (a `continue`) are one loop, up to the last of them.
+    merged = {}
+    for lp in loops:
+        if lp.start not in merged or lp.end > merged[lp.start].end:
+            merged[lp.start] = lp
+    loops = list(merged.values())
     index = {addr: i for i, (addr, _, _) in enumerate(instrs)}
     in_loop = [False] * len(instrs)
     for loop in loops:
@@ -218,7 +224,8 @@ def _analyse(k: KernelFacts, instrs: list) -> None:
     innermost = [a for a in k.loops if not any(b is not a and a.start <= b.start and b.end <= a.end and
                                                (b.start, b.end) != (a.start, a.end) for b in k.loops)]
     if innermost:
-        k.hot_loop = max(innermost, key=lambda lp: (lp.mix.get("FFMA", 0) + lp.mix.get("HMMA", 0), lp.instructions))
+        k.hot_loop = max(innermost, key=lambda lp: (lp.mix.get("FFMA", 0) + lp.mix.get("HMMA", 0), lp.memory,
+                                                     lp.instructions))
 
 
 def _count(classes, division, indices) -> dict:

@@ -74,6 +74,14 @@ def test_bank_conflict_and_broadcast_wavefronts():
     assert _by(rec, "shared", "load") == {"instructions": 1, "lanes": 32, "sectors": 0, "wavefronts": 1}
 
 
+def test_lanes_that_skip_a_load_pair_up_again_at_each_barrier():
+    rec, x, y = _pattern("predicated")
+    np.testing.assert_array_equal(y[:32], [sum(x[32 * i + lane] for i in range(8) if lane >= i) for lane in range(32)])
+    assert _by(rec, "global", "load") == {"instructions": 8, "lanes": 256 - 28, "sectors": 32, "wavefronts": 0}
+    assert _by(rec, "global", "store") == {"instructions": 1, "lanes": 32, "sectors": 4, "wavefronts": 0}
+    assert rec["barriers"] == 8
+
+
 def test_six_ctas_on_132_sms_are_a_tail():
     facts = _sass_or_skip()
     rec, _, _ = _pattern("tail6")
@@ -179,7 +187,7 @@ def test_occupancy_limits():
     h100 = card("h100")
     rec = {"block": (256, 1, 1), "static_shared": 18432, "dynamic_shared": 0}
     facts = sass.KernelFacts("k", registers=80, static_shared=18432)
-    # 80 registers x 32 lanes = 2560 per warp; 65536 / 2560 = 25 warps; 8 warps a block: 3 blocks
+    # 80 registers x 32 lanes = 2560 per warp; per scheduler 16384 / 2560 = 6 warps, 24 an SM; 8 a block: 3 blocks
     assert profile.occupancy(rec, facts, h100) == (3, "registers")
     facts = sass.KernelFacts("k", registers=32, static_shared=100 * 1024)
     assert profile.occupancy(rec, facts, h100) == (2, "shared memory")

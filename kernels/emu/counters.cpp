@@ -68,6 +68,7 @@ struct FlatMap {
 
 // One warp-level instruction being rebuilt from its lanes.
 struct Pending {
+    uint64_t key;  // (pc offset << 32) | occurrence
     uintptr_t pc;
     uint32_t occurrence;
     uint32_t mask;
@@ -94,7 +95,8 @@ struct Lane {
 struct Warp {
     std::vector<Pending> pending;
     FlatMap index;  // (pc, occurrence) -> position in `pending`
-    int live_lanes = 32;
+    uint32_t exited = 0;  // lanes that have exited, or do not exist: an instruction waits for the others only
+    size_t compact_at = 4096;
 };
 
 // Everything one worker counts for the block it runs.
@@ -187,6 +189,27 @@ void flush_warp(BlockState& b, Warp& w) {
     w.index.clear();
 }
 
+// The warp has reconverged (a barrier, or a collective every live lane joined): lanes that skipped an access
+// since the last such point (a predicated load at a tile edge) would otherwise pair their k-th execution with
+// another lane's k-th of a later iteration, so open instructions are closed and the occurrence counts restart.
+void reconverge(BlockState& b, int warp) {
+    flush_warp(b, b.warps[warp]);
+    for (int i = warp * 32; i < std::min(b.nthreads, warp * 32 + 32); ++i) b.lanes[i].occurrences.clear();
+}
+
+// Finished instructions are dropped from a long-running warp's list now and then, so a kernel without
+// barriers keeps only its open instructions.
+void compact(Warp& w) {
+    size_t j = 0;
+    for (size_t i = 0; i < w.pending.size(); ++i)
+        if (!w.pending[i].done) w.pending[j++] = w.pending[i];
+    w.pending.resize(j);
+    w.index.clear();
+    bool inserted;
+    for (size_t i = 0; i < j; ++i) *w.index.find_or_insert(w.pending[i].key, uint32_t(i), inserted) = uint32_t(i);
+    w.compact_at = std::max<size_t>(4096, 2 * j);
+}
+
 void touch_pages(BlockState& b, uintptr_t addr, size_t size, bool write) {
     for (uintptr_t s = addr >> 5, last = (addr + size - 1) >> 5; s <= last; ++s) {
         const uintptr_t page = s >> 7;
@@ -218,6 +241,7 @@ void access(const volatile void* ptr, size_t size, int kind, uintptr_t pc) {
     uint32_t* slot = w.index.find_or_insert(key, uint32_t(w.pending.size()), inserted);
     if (inserted) {
         Pending& p = w.pending.emplace_back();
+        p.key = key;
         p.pc = pc;
         p.occurrence = k;
         p.mask = 0;
@@ -230,7 +254,10 @@ void access(const volatile void* ptr, size_t size, int kind, uintptr_t pc) {
     if (p.done || (p.mask >> lane->lane & 1u)) return;  // cannot happen for one instruction; be safe
     p.mask |= 1u << lane->lane;
     p.addr[lane->lane] = addr;
-    if (__builtin_popcount(p.mask) == w.live_lanes) finish(b, p);
+    if ((p.mask | w.exited) == ~0u) {
+        finish(b, p);
+        if (w.pending.size() >= w.compact_at) compact(w);
+    }
 }
 
 // ---- the sample -------------------------------------------------------------------------------------------
@@ -332,7 +359,9 @@ void begin_block(const BlockMemory& memory, int nthreads, double weight) {
     for (int w = 0; w * 32 < nthreads; ++w) {
         b.warps[w].pending.clear();
         b.warps[w].index.clear();
-        b.warps[w].live_lanes = std::min(32, nthreads - w * 32);
+        const int lanes = std::min(32, nthreads - w * 32);
+        b.warps[w].exited = lanes == 32 ? 0u : ~((1u << lanes) - 1u);
+        b.warps[w].compact_at = 4096;
     }
 }
 
@@ -341,7 +370,20 @@ void set_thread(int thread) { t_lane = thread >= 0 && t_block ? &t_block->lanes[
 void barrier() {
     BlockState& b = *t_block;
     ++b.barriers;
-    for (int w = 0; w * 32 < b.nthreads; ++w) flush_warp(b, b.warps[w]);
+    for (int w = 0; w * 32 < b.nthreads; ++w) reconverge(b, w);
+}
+
+void warp_converged(int warp) {
+    if (t_block) reconverge(*t_block, warp);
+}
+
+void lane_exited(int thread) {
+    if (!t_block) return;
+    BlockState& b = *t_block;
+    Warp& w = b.warps[thread / 32];
+    w.exited |= 1u << (thread % 32);
+    for (Pending& p : w.pending)
+        if (!p.done && (p.mask | w.exited) == ~0u) finish(b, p);
 }
 
 void end_block() {

@@ -10,7 +10,11 @@
 // the k-th time lane i executes the access at address `pc` belongs to the same warp instruction as the k-th
 // time lane j executes it. That is how SIMT hardware runs convergent code, and a loop that some lanes leave
 // early simply has fewer lanes in its later instructions. An instruction is complete when every live lane
-// of the warp has brought its address, or at the next __syncthreads() or the end of the block.
+// of the warp has brought its address, or at the next __syncthreads() or the end of the block. Each barrier,
+// and each warp collective that every live lane joins, restarts the occurrence counts, so a lane that skipped
+// a predicated access pairs up again from there. Between such points the pairing is by count alone: in a loop
+// without barriers where some lanes skip an access in one iteration (the bounds checks of a pooling window)
+// their later executions pair with other lanes' later iterations, which can overstate the sectors a little.
 //
 // For each complete warp instruction (the hardware's rules, CUDA C++ Programming Guide, compute capability
 // 8.x/9.x, "Global Memory" and "Shared Memory"):
@@ -60,6 +64,8 @@ void begin_block(const BlockMemory& memory, int nthreads, double weight);
 // The fiber of linear thread `thread` is about to run (-1: the scheduler, whose accesses are not counted).
 void set_thread(int thread);
 void barrier();  // every thread of the block has passed a __syncthreads()
+void warp_converged(int warp);  // every live lane of the warp has joined one warp collective
+void lane_exited(int thread);   // the thread has finished: the warp's instructions no longer wait for it
 void end_block();
 void end_launch(bool failed);
 

@@ -871,6 +871,9 @@ void complete(Worker& w, Group& g, int warp) {
         Fiber& f = w.fibers[warp * 32 + lane];
         if ((g.arrived >> lane & 1u) && f.state == State::InCollective && f.group == &g) f.state = State::Runnable;
     }
+#if PA_EMU_PROF
+    if ((g.arrived | w.exited[warp]) == ~0u) prof::warp_converged(warp);
+#endif
 }
 
 bool ready(const Group& g, unsigned exited) { return (g.mask & ~(g.arrived | exited)) == 0; }
@@ -880,6 +883,9 @@ bool ready(const Group& g, unsigned exited) { return (g.mask & ~(g.arrived | exi
 void lane_exited(Worker& w, Fiber& f) {
     const int lane = f.linear % 32, warp = f.linear / 32;
     w.exited[warp] |= 1u << lane;
+#if PA_EMU_PROF
+    prof::lane_exited(f.linear);
+#endif
     for (Group& g : w.groups[warp])
         if (g.in_use && !g.complete && (g.mask >> lane & 1u) && ready(g, w.exited[warp])) complete(w, g, warp);
 }
