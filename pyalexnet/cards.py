@@ -8,7 +8,7 @@ per-SM rates; what no vendor publishes (L2 bandwidth, latencies, launch overhead
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -54,27 +54,22 @@ _SHARED_SOURCES = {
                     "4.5 TB/s (A100); to be calibrated",
 }
 
+_H100 = Card(
+    key="h100", name="NVIDIA H100 SXM5 80GB (predicted)", sass_arch="sm_90", sms=132, clock_ghz=1.98,
+    fp32_lanes_per_sm=128, issue_per_sm=4, dram_gbps=3350, l2_gbps=5500, l2_bytes=50 * 2**20,
+    l2_per_sm_bytes_per_clock=64, shared_per_sm=228 * 1024, shared_per_block_max=227 * 1024,
+    shared_reserved_per_block=1024, registers_per_sm=65536, register_unit=256, max_threads_per_sm=2048,
+    max_blocks_per_sm=32, l2_latency_ns=150, dram_latency_ns=550, launch_overhead_us=2.5,
+    sources={"sms, clock, fp32": "NVIDIA H100 datasheet: 67 TFLOPS FP32 = 132 SMs x 128 lanes x 2 x 1.98 GHz",
+             "dram": "NVIDIA H100 datasheet: 3.35 TB/s HBM3", "l2": "NVIDIA H100 whitepaper: 50 MB L2",
+             "shared": "CUDA C++ Programming Guide: 228 KB per SM, 227 KB per block (cc 9.0)", **_SHARED_SOURCES})
+
 CARDS = {
-    "h100": Card(
-        key="h100", name="NVIDIA H100 SXM5 80GB (predicted)", sass_arch="sm_90", sms=132, clock_ghz=1.98,
-        fp32_lanes_per_sm=128, issue_per_sm=4, dram_gbps=3350, l2_gbps=5500, l2_bytes=50 * 2**20,
-        l2_per_sm_bytes_per_clock=64, shared_per_sm=228 * 1024, shared_per_block_max=227 * 1024,
-        shared_reserved_per_block=1024, registers_per_sm=65536, register_unit=256, max_threads_per_sm=2048,
-        max_blocks_per_sm=32, l2_latency_ns=150, dram_latency_ns=550, launch_overhead_us=2.5,
-        sources={"sms, clock, fp32": "NVIDIA H100 datasheet: 67 TFLOPS FP32 = 132 SMs x 128 lanes x 2 x 1.98 GHz",
-                 "dram": "NVIDIA H100 datasheet: 3.35 TB/s HBM3", "l2": "NVIDIA H100 whitepaper: 50 MB L2",
-                 "shared": "CUDA C++ Programming Guide: 228 KB per SM, 227 KB per block (cc 9.0)",
-                 **_SHARED_SOURCES}),
-    "h200": Card(
-        key="h200", name="NVIDIA H200 SXM 141GB (predicted)", sass_arch="sm_90", sms=132, clock_ghz=1.98,
-        fp32_lanes_per_sm=128, issue_per_sm=4, dram_gbps=4800, l2_gbps=5500, l2_bytes=50 * 2**20,
-        l2_per_sm_bytes_per_clock=64, shared_per_sm=228 * 1024, shared_per_block_max=227 * 1024,
-        shared_reserved_per_block=1024, registers_per_sm=65536, register_unit=256, max_threads_per_sm=2048,
-        max_blocks_per_sm=32, l2_latency_ns=150, dram_latency_ns=550, launch_overhead_us=2.5,
-        sources={"sms, clock, fp32": "NVIDIA H200 datasheet: 67 TFLOPS FP32 (the H100's GH100 chip)",
-                 "dram": "NVIDIA H200 datasheet: 4.8 TB/s HBM3e", "l2": "GH100: 50 MB L2",
-                 "shared": "CUDA C++ Programming Guide: 228 KB per SM, 227 KB per block (cc 9.0)",
-                 **_SHARED_SOURCES}),
+    "h100": _H100,
+    # The H100's GH100 chip with faster and larger memory: only the DRAM differs.
+    "h200": replace(_H100, key="h200", name="NVIDIA H200 SXM 141GB (predicted)", dram_gbps=4800,
+                    sources={**_H100.sources, "sms, clock, fp32": "NVIDIA H200 datasheet: 67 TFLOPS FP32 (GH100)",
+                             "dram": "NVIDIA H200 datasheet: 4.8 TB/s HBM3e"}),
     "a100": Card(
         key="a100", name="NVIDIA A100 SXM4 80GB (predicted)", sass_arch="sm_80", sms=108, clock_ghz=1.41,
         fp32_lanes_per_sm=64, issue_per_sm=4, dram_gbps=2039, l2_gbps=4500, l2_bytes=40 * 2**20,
@@ -86,7 +81,6 @@ CARDS = {
                  "shared": "CUDA C++ Programming Guide: 164 KB per SM, 163 KB per block (cc 8.0)",
                  **_SHARED_SOURCES}),
 }
-
 
 def card(key: str) -> Card:
     """The card named `key` (h100, h200, a100; case and a '-sxm' suffix ignored)."""

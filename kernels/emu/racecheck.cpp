@@ -290,93 +290,13 @@ std::string end_launch() {
 
 }  // namespace pa_emu::race
 
-// ---- the ThreadSanitizer interface that GCC's instrumentation calls ---------------------------------------------
-// Declared here with the ABI of compiler-rt's tsan_interface.h (the types only need the right sizes).
-using pa_emu::race::access;
-#define PA_PC reinterpret_cast<uintptr_t>(__builtin_return_address(0))
+// ---- the ThreadSanitizer interface (tsan_hooks.h) -------------------------------------------------------------
+#include "tsan_hooks.h"
 
-extern "C" {
-void __tsan_init() {}
-void __tsan_func_entry(void*) {}
-void __tsan_func_exit() {}
-void __tsan_vptr_read(void**) {}
-void __tsan_vptr_update(void**, void*) {}
-void __tsan_read_range(void* p, unsigned long size) { access(p, size, false, false, PA_PC); }
-void __tsan_write_range(void* p, unsigned long size) { access(p, size, true, false, PA_PC); }
-
-#define PA_TSAN_PLAIN(N)                                                                           \
-    void __tsan_read##N(void* p) { access(p, N, false, false, PA_PC); }                            \
-    void __tsan_write##N(void* p) { access(p, N, true, false, PA_PC); }                            \
-    void __tsan_unaligned_read##N(void* p) { access(p, N, false, false, PA_PC); }                  \
-    void __tsan_unaligned_write##N(void* p) { access(p, N, true, false, PA_PC); }                  \
-    void __tsan_volatile_read##N(void* p) { access(p, N, false, false, PA_PC); }                   \
-    void __tsan_volatile_write##N(void* p) { access(p, N, true, false, PA_PC); }
-PA_TSAN_PLAIN(1)
-PA_TSAN_PLAIN(2)
-PA_TSAN_PLAIN(4)
-PA_TSAN_PLAIN(8)
-PA_TSAN_PLAIN(16)
-#undef PA_TSAN_PLAIN
-
-// Atomics do what they say (sequentially consistent whatever order was asked: stronger is always correct), and
-// all of them, loads included, are recorded as atomic writes: they never race with each other, only with plain
+// All atomics, loads included, are recorded as atomic writes: they never race with each other, only with plain
 // accesses (which makes a plain read after an atomic load a reported race: our kernels have none).
-#define PA_TSAN_ATOMIC(N, T)                                                                                     \
-    T __tsan_atomic##N##_load(const volatile T* a, int) {                                                        \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                             \
-    }                                                                                                            \
-    void __tsan_atomic##N##_store(volatile T* a, T v, int) {                                                     \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                                \
-    }                                                                                                            \
-    T __tsan_atomic##N##_exchange(volatile T* a, T v, int) {                                                     \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                      \
-    }                                                                                                            \
-    T __tsan_atomic##N##_fetch_add(volatile T* a, T v, int) {                                                    \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                                       \
-    }                                                                                                            \
-    T __tsan_atomic##N##_fetch_sub(volatile T* a, T v, int) {                                                    \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                                       \
-    }                                                                                                            \
-    T __tsan_atomic##N##_fetch_and(volatile T* a, T v, int) {                                                    \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                                       \
-    }                                                                                                            \
-    T __tsan_atomic##N##_fetch_or(volatile T* a, T v, int) {                                                     \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                                        \
-    }                                                                                                            \
-    T __tsan_atomic##N##_fetch_xor(volatile T* a, T v, int) {                                                    \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                                       \
-    }                                                                                                            \
-    T __tsan_atomic##N##_fetch_nand(volatile T* a, T v, int) {                                                   \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST);                                                      \
-    }                                                                                                            \
-    int __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                         \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                  \
-    }                                                                                                            \
-    int __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                           \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                  \
-    }                                                                                                            \
-    T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                               \
-        access(a, sizeof(T), true, true, PA_PC);                                                                 \
-        __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                        \
-        return c;                                                                                                \
-    }
-PA_TSAN_ATOMIC(8, unsigned char)
-PA_TSAN_ATOMIC(16, unsigned short)
-PA_TSAN_ATOMIC(32, unsigned int)
-PA_TSAN_ATOMIC(64, unsigned long long)
-#undef PA_TSAN_ATOMIC
-
-void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-void __tsan_atomic_signal_fence(int) {}
+void pa_emu_tsan_access(const volatile void* p, size_t bytes, pa_emu::TsanAccess kind, uintptr_t pc) {
+    using pa_emu::TsanAccess;
+    pa_emu::race::access(p, bytes, kind != TsanAccess::Read, kind != TsanAccess::Read && kind != TsanAccess::Write, pc);
 }
+
