@@ -414,6 +414,18 @@ void resolve_stall(Worker& w) {
 #endif
 }
 
+// The block's memory as the checking and counting builds see it: fiber stacks (each thread's own) and shared
+// memory. Every __shared__ object lives in the module's TLS segment, the kernel's own and those of the
+// __device__ functions it calls: the whole segment counts as shared memory (the runtime's own __thread
+// variables there are only ever read by kernel code).
+template <class BlockMemory>
+[[maybe_unused]] void describe_block_memory(Worker& w, BlockMemory& memory) {
+    memory.stacks_begin = w.stacks;
+    memory.stacks_end = w.stacks + kMaxThreadsPerBlock * kStackBytes;
+    memory.shared.emplace_back(t_dynamic_shared, w.dynamic_guard);
+    if (w.tls_block) memory.shared.emplace_back(w.tls_block, w.tls_block + w.tls_size);
+}
+
 void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<size_t, size_t>>& static_shared,
                unsigned char* static_base, long long linear_block, double weight) {
     const dim3 g = info.grid, b = info.block;
@@ -444,22 +456,13 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     }
 #if PA_EMU_RACE
     race::BlockMemory memory;
-    memory.stacks_begin = w.stacks;
-    memory.stacks_end = w.stacks + kMaxThreadsPerBlock * kStackBytes;
-    // Every __shared__ object lives in the module's TLS segment, the kernel's own and those of the __device__
-    // functions it calls: the whole segment counts as shared memory (the runtime's own __thread variables there
-    // are only ever read by kernel code).
-    memory.shared.emplace_back(t_dynamic_shared, w.dynamic_guard);
-    if (w.tls_block) memory.shared.emplace_back(w.tls_block, w.tls_block + w.tls_size);
+    describe_block_memory(w, memory);
     race::begin_block(memory);
 #endif
 #if PA_EMU_PROF
     {
         prof::BlockMemory memory;
-        memory.stacks_begin = w.stacks;
-        memory.stacks_end = w.stacks + kMaxThreadsPerBlock * kStackBytes;
-        memory.shared.emplace_back(t_dynamic_shared, w.dynamic_guard);
-        if (w.tls_block) memory.shared.emplace_back(w.tls_block, w.tls_block + w.tls_size);
+        describe_block_memory(w, memory);
         // What kernel code reads that is the runtime's: the built-in variables (in TLS, which otherwise counts as
         // shared memory), each fiber's threadIdx, and the launch's argument tuple and thread body.
         auto ignore = [&](const void* p, size_t bytes) {
