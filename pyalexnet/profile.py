@@ -37,7 +37,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -46,6 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from . import _backend, cards, sass
+from ._files import atomic_write
+from .bench import _git as git
+from .bench import conv_flops_layer
 
 NOTE = "predicted from static analysis and emulator counts, not measured"
 DEFAULT_INTERIOR = 4  # interior CTAs sampled per grid dimension (plus the first and the last)
@@ -163,7 +165,7 @@ def record_step(variant="torchvision", batch=128, interior=DEFAULT_INTERIOR, see
 def source_lines(pcs) -> dict[int, str]:
     """pc offset in pyalexnet._emu_profile -> 'kernels/file:line' (the innermost frame in kernel source, as
     addr2line names it with inlining), or the hex offset where addr2line is missing."""
-    pcs = sorted(set(int(p) for p in pcs))
+    pcs = sorted({int(p) for p in pcs})
     out = {p: hex(p) for p in pcs}
     if not pcs:
         return out
@@ -310,23 +312,11 @@ def _describe_line(line, w) -> str:
 
 
 def _useful_flops(net, layer, pass_, batch) -> float:
+    """A conv or linear pass's FLOPs as bench counts them (each pass the same); 0 for everything else."""
     if pass_ not in ("forward", "dgrad", "wgrad") or layer not in net.labels:
         return 0.0
     i = net.labels.index(layer)
-    spec, shape_in, shape_out = net.specs[i], net.shapes[i], net.shapes[i + 1]
-    if spec[0] == "conv":
-        _, _, out, kernel, _, _, groups, _ = spec
-        return 2.0 * batch * out * shape_out[1] * shape_out[2] * (shape_in[0] // groups) * kernel * kernel
-    if spec[0] == "linear":
-        return 2.0 * batch * spec[2] * shape_in[0]
-    return 0.0
-
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return ""
+    return conv_flops_layer(net, i) * batch if net.specs[i][0] in ("conv", "linear") else 0.0
 
 
 def profile(variant="torchvision", batch=128, card="h100", interior=DEFAULT_INTERIOR, seed=0) -> dict:
@@ -379,7 +369,7 @@ def profile(variant="torchvision", batch=128, card="h100", interior=DEFAULT_INTE
     floor_ms = sum(r["floor_ms"] for r in rows)
     flops = sum(r["flops"] for r in rows)
     return {"kind": "predicted", "note": NOTE, "date": datetime.date.today().isoformat(),
-            "commit": _git("describe", "--always", "--dirty") or "unknown", "card": spec.name, "card_key": spec.key,
+            "commit": git("describe", "--always", "--dirty") or "unknown", "card": spec.name, "card_key": spec.key,
             "sass_arch": spec.sass_arch, "variant": variant, "batch": batch, "interior_samples": interior,
             "step_ms": step_ms, "floor_ms": floor_ms, "step_flops": flops,
             "step_pct_fp32_peak": 100.0 * flops / (step_ms * 1e-3) / peak, "images_per_s": batch / (step_ms * 1e-3),
@@ -450,7 +440,7 @@ def format_kernels(result) -> str:
 
 def format_markdown(result) -> str:
     """The per-pass table as Markdown (README)."""
-    out = [f"| pass | predicted ms | % fp32 peak | bound | worst source line |", "|---|---:|---:|---|---|"]
+    out = ["| pass | predicted ms | % fp32 peak | bound | worst source line |", "|---|---:|---:|---|---|"]
     for r in result["passes"]:
         pct = f"{r['pct_fp32_peak']:.0f}" if r["pct_fp32_peak"] is not None else "-"
         out.append(f"| {pass_name(r)} | {r['ms']:.3f} | {pct} | {r['bound']} | {r['worst_line'] or '-'} |")
@@ -487,7 +477,12 @@ def compare_with_baseline(result, baseline, tolerance=GUARD_TOLERANCE) -> list[s
 
 
 def _repo_root() -> Path:
-    return Path(_git("rev-parse", "--show-toplevel") or ".")
+    return Path(git("rev-parse", "--show-toplevel") or ".")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
 def main(argv=None) -> int:
@@ -527,11 +522,10 @@ def main(argv=None) -> int:
     if not args.no_json:
         path = args.json or root / "bench" / "results" / (
             f"{result['date']}-predicted-{result['card_key']}-{result['commit']}-profile.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        _write_json(path, result)
         print(f"wrote {path}")
     if args.update_baseline:
         path = root / BASELINE
-        path.write_text(json.dumps(baseline_of(result), indent=1) + "\n")
+        _write_json(path, baseline_of(result))
         print(f"wrote {path}")
     return 0

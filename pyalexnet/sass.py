@@ -24,7 +24,7 @@ CLASSES = ["FFMA", "FP32 other", "HMMA", "LDS", "LDS.64", "LDS.128", "STS", "STS
 _FP32 = {"FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "MUFU", "FCHK", "FSET", "FSWZADD"}
 _INTEGER = {"IMAD", "IADD3", "IADD", "LEA", "SHF", "SHL", "SHR", "LOP3", "LOP", "ISETP", "IABS", "IMNMX", "SEL",
             "VIADD", "VIMNMX", "I2F", "F2I", "POPC", "FLO", "BREV", "PRMT", "IMUL", "UIADD3", "UIMAD", "ULEA",
-            "USHF", "ULOP3", "UISETP", "USEL", "IMNMX", "UMOV", "MOV", "S2R", "S2UR", "CS2R", "LDC", "ULDC",
+            "USHF", "ULOP3", "UISETP", "USEL", "UMOV", "MOV", "S2R", "S2UR", "CS2R", "LDC", "ULDC",
             "IDP", "BMSK", "UPRMT", "UFLO", "UPOPC", "ISCADD", "I2I", "F2F", "P2R", "R2P", "PLOP3", "UPLOP3",
             "VOTE", "VOTEU", "SHFL", "R2UR", "FRND"}
 _BRANCH = {"BRA", "BRX", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "JMP", "JMX", "NOP", "YIELD",
@@ -185,10 +185,7 @@ def parse(res_usage: str, sass: str) -> dict[str, KernelFacts]:
 
 
 def _analyse(k: KernelFacts, instrs: list) -> None:
-    classes = []
-    for i, (_, op, _) in enumerate(instrs):
-        c = classify(op)
-        classes.append(c)
+    classes = [classify(op) for _, op, _ in instrs]
     # The integer division idiom (an I2F.*.RP reciprocal estimate, then MUFU.RCP and a correction): one sequence.
     division = [op.startswith("I2F") and ".RP" in op for _, op, _ in instrs]
     k.instructions = len(instrs)

@@ -172,7 +172,7 @@ def test_sass_reader_finds_loops_and_classes():
 def test_every_launch_of_the_step_has_sass_and_a_line():
     """The real kernels: every kernel the step launches is found in the sm_90 SASS, spills none."""
     facts = _sass_or_skip()
-    net, launches = profile.record_step("torchvision", 1, interior=1)
+    _, launches = profile.record_step("torchvision", 1, interior=1)
     kernels = {rec["kernel"] for _, _, rec in launches}
     assert kernels and kernels <= set(facts), kernels - set(facts)
     assert all(facts[k].local == 0 for k in kernels)
