@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -54,9 +55,70 @@ std::string shape_str(const std::vector<int64_t>& s) {
     return out + (s.size() == 1 ? ",)" : ")");
 }
 
+#if defined(PA_BACKEND_CUDA)
+// __cuda_array_interface__ v3's "stream": the stream on which the producer may still be writing the array (None or
+// absent: nothing pending, or the producer synchronised). Our kernel must not start before that work ends, so
+// when it launches on another stream, our stream waits on an event recorded on the producer's: ordering on the
+// device, without blocking the host (a device or stream synchronisation would). The protocol's values: 1 the
+// legacy default stream, 2 the per-thread default stream, 0 disallowed (ambiguous between the two), any other a
+// cudaStream_t. Our own stream 0 is the default stream this translation unit's runtime calls mean by 0.
+cudaStream_t interface_stream(uintptr_t v) {
+    if (v == 1) return cudaStreamLegacy;
+    if (v == 2) return cudaStreamPerThread;
+    return reinterpret_cast<cudaStream_t>(v);
+}
+
+void check_stream_call(cudaError_t err, const char* name, const char* call, uintptr_t producer) {
+    if (err != cudaSuccess)
+        throw pa::KernelError(std::string(name) + ": " + call + " while ordering after its producer's stream " +
+                              std::to_string(producer) + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+void wait_for_producer(const py::dict& iface, const char* name, uintptr_t our_stream) {
+    if (!iface.contains("stream")) return;
+    const py::object value = iface["stream"];
+    if (value.is_none()) return;
+    if (!py::isinstance<py::int_>(value))
+        throw py::type_error(std::string(name) + ": __cuda_array_interface__'s stream must be an int or None, got " +
+                             std::string(py::str(py::type::handle_of(value).attr("__name__"))));
+    uintptr_t producer = 0;
+    try {
+        producer = value.cast<uintptr_t>();
+    } catch (const py::cast_error&) {
+        throw py::value_error(std::string(name) + ": __cuda_array_interface__'s stream " + std::string(py::str(value)) +
+                              " is not a stream handle");
+    }
+    if (producer == 0)
+        throw py::value_error(std::string(name) + ": __cuda_array_interface__'s stream is 0, which the protocol "
+                              "disallows (1 means the legacy default stream, 2 the per-thread default stream)");
+#if defined(CUDA_API_PER_THREAD_DEFAULT_STREAM)
+    const cudaStream_t ours = our_stream == 0 ? cudaStreamPerThread : interface_stream(our_stream);
+#else
+    const cudaStream_t ours = our_stream == 0 ? cudaStreamLegacy : interface_stream(our_stream);
+#endif
+    const cudaStream_t theirs = interface_stream(producer);
+    if (theirs == ours) return;  // stream order already holds
+    cudaEvent_t done;
+    check_stream_call(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), name, "cudaEventCreateWithFlags",
+                      producer);
+    cudaError_t err = cudaEventRecord(done, theirs);
+    const char* failed = "cudaEventRecord";
+    if (err == cudaSuccess) {
+        err = cudaStreamWaitEvent(ours, done, 0);
+        failed = "cudaStreamWaitEvent";
+    }
+    // Destroying at once is safe: the wait is already enqueued, and the event's resources outlive it.
+    const cudaError_t destroyed = cudaEventDestroy(done);
+    check_stream_call(err, name, failed, producer);
+    check_stream_call(destroyed, name, "cudaEventDestroy", producer);
+}
+#endif
+
 // Reads an array's interface and checks it. `dtypes` is a typestr without byte order ("f4"), or several
-// separated by '|' ("i4|i8"); the one found is in Array::dtype.
-Array array_arg(py::handle obj, const char* name, const std::string& dtypes, bool writable) {
+// separated by '|' ("i4|i8"); the one found is in Array::dtype. On the cuda backend, `stream` (the one the kernel
+// will launch on) is first made to wait for the array's producer (wait_for_producer); the host arrays of the
+// emulator have no stream.
+Array array_arg(py::handle obj, const char* name, const std::string& dtypes, bool writable, uintptr_t stream) {
     if (!py::hasattr(obj, PA_INTERFACE))
         throw py::type_error(std::string(name) + ": expected " + PA_ARRAY_KIND + ", got " +
                              std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
@@ -103,6 +165,11 @@ Array array_arg(py::handle obj, const char* name, const std::string& dtypes, boo
     if (reinterpret_cast<uintptr_t>(a.data) % uintptr_t(a.itemsize))
         throw py::value_error(std::string(name) + ": is not aligned to its " + std::to_string(a.itemsize) +
                               "-byte elements (a GPU faults on such loads)");
+#if defined(PA_BACKEND_CUDA)
+    wait_for_producer(iface, name, stream);
+#else
+    (void)stream;
+#endif
     return a;
 }
 
@@ -159,7 +226,7 @@ float* f32(const Array& a) { return static_cast<float*>(a.data); }
 pa::Stream stream_arg(uintptr_t s) { return reinterpret_cast<pa::Stream>(s); }
 
 void relu_forward(py::handle x, py::handle y, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), ay = array_arg(y, "y", "f4", true, stream);
     expect_shape(ay, "y", ax.shape);
     expect_disjoint({{ay, "y"}}, {{ax, "x"}}, true);
     py::gil_scoped_release nogil;
@@ -167,8 +234,8 @@ void relu_forward(py::handle x, py::handle y, uintptr_t stream) {
 }
 
 void relu_backward(py::handle dy, py::handle y, py::handle dx, uintptr_t stream) {
-    const Array ady = array_arg(dy, "dy", "f4", false), ay = array_arg(y, "y", "f4", false),
-                adx = array_arg(dx, "dx", "f4", true);
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), ay = array_arg(y, "y", "f4", false, stream),
+                adx = array_arg(dx, "dx", "f4", true, stream);
     expect_shape(ay, "y", ady.shape);
     expect_shape(adx, "dx", ady.shape);
     expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {ay, "y"}}, true);
@@ -178,8 +245,8 @@ void relu_backward(py::handle dy, py::handle y, py::handle dx, uintptr_t stream)
 
 void sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b, float alpha, float beta,
            py::object bias, uintptr_t stream) {
-    const Array aa = array_arg(a, "a", "f4", false), ab = array_arg(b, "b", "f4", false),
-                ac = array_arg(c, "c", "f4", true);
+    const Array aa = array_arg(a, "a", "f4", false, stream), ab = array_arg(b, "b", "f4", false, stream),
+                ac = array_arg(c, "c", "f4", true, stream);
     expect_rank(aa, "a", 2);
     expect_rank(ab, "b", 2);
     const int64_t M = trans_a ? aa.shape[1] : aa.shape[0], K = trans_a ? aa.shape[0] : aa.shape[1];
@@ -190,7 +257,7 @@ void sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b,
     expect_shape(ac, "c", {M, N});
     const float* pbias = nullptr;
     if (!bias.is_none()) {
-        const Array abias = array_arg(bias, "bias", "f4", false);
+        const Array abias = array_arg(bias, "bias", "f4", false, stream);
         expect_shape(abias, "bias", {N});
         expect_disjoint({{ac, "c"}}, {{abias, "bias"}});
         pbias = f32(abias);
@@ -204,8 +271,8 @@ void sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b,
 }
 
 void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), aw = array_arg(w, "w", "f4", false),
-                ay = array_arg(y, "y", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), aw = array_arg(w, "w", "f4", false, stream),
+                ay = array_arg(y, "y", "f4", true, stream);
     expect_rank(ax, "x", 2);
     expect_rank(aw, "w", 2);
     const int64_t batch = ax.shape[0], in = ax.shape[1], out = aw.shape[0];
@@ -213,7 +280,7 @@ void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uint
     expect_shape(ay, "y", {batch, out});
     const float* pb = nullptr;
     if (!b.is_none()) {
-        const Array ab = array_arg(b, "b", "f4", false);
+        const Array ab = array_arg(b, "b", "f4", false, stream);
         expect_shape(ab, "b", {out});
         expect_disjoint({{ay, "y"}}, {{ab, "b"}});
         pb = f32(ab);
@@ -227,9 +294,9 @@ void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uint
 
 void linear_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py::handle dw, py::handle db,
                      uintptr_t stream) {
-    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
-                aw = array_arg(w, "w", "f4", false), adx = array_arg(dx, "dx", "f4", true),
-                adw = array_arg(dw, "dw", "f4", true), adb = array_arg(db, "db", "f4", true);
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), ax = array_arg(x, "x", "f4", false, stream),
+                aw = array_arg(w, "w", "f4", false, stream), adx = array_arg(dx, "dx", "f4", true, stream),
+                adw = array_arg(dw, "dw", "f4", true, stream), adb = array_arg(db, "db", "f4", true, stream);
     expect_rank(ax, "x", 2);
     expect_rank(aw, "w", 2);
     const int64_t batch = ax.shape[0], in = ax.shape[1], out = aw.shape[0];
@@ -247,13 +314,13 @@ void linear_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, p
 
 void softmax_xent(py::handle logits, py::handle labels, py::handle dlogits, py::handle row_loss, py::handle result,
                   uintptr_t stream) {
-    const Array al = array_arg(logits, "logits", "f4", false), ad = array_arg(dlogits, "dlogits", "f4", true),
-                ar = array_arg(row_loss, "row_loss", "f4", true), ares = array_arg(result, "result", "f4", true);
+    const Array al = array_arg(logits, "logits", "f4", false, stream), ad = array_arg(dlogits, "dlogits", "f4", true, stream),
+                ar = array_arg(row_loss, "row_loss", "f4", true, stream), ares = array_arg(result, "result", "f4", true, stream);
     expect_rank(al, "logits", 2);
     const int64_t batch = al.shape[0], classes = al.shape[1];
     if (batch < 1 || classes < 1)
         throw py::value_error("logits: expected shape (batch >= 1, classes >= 1), got " + shape_str(al.shape));
-    const Array alab = array_arg(labels, "labels", "i4|i8", false);
+    const Array alab = array_arg(labels, "labels", "i4|i8", false, stream);
     const bool int64 = alab.dtype == "i8";
     expect_shape(alab, "labels", {batch});
     expect_shape(ad, "dlogits", al.shape);
@@ -268,8 +335,8 @@ void softmax_xent(py::handle logits, py::handle labels, py::handle dlogits, py::
 
 void sgd_update(py::handle w, py::handle dw, py::handle v, float lr, float momentum, float weight_decay,
                 uintptr_t stream) {
-    const Array aw = array_arg(w, "w", "f4", true), adw = array_arg(dw, "dw", "f4", false),
-                av = array_arg(v, "v", "f4", true);
+    const Array aw = array_arg(w, "w", "f4", true, stream), adw = array_arg(dw, "dw", "f4", false, stream),
+                av = array_arg(v, "v", "f4", true, stream);
     expect_shape(adw, "dw", aw.shape);
     expect_shape(av, "v", aw.shape);
     expect_disjoint({{aw, "w"}, {av, "v"}}, {{adw, "dw"}});
@@ -322,14 +389,14 @@ ConvArgs conv_args(const Array& x, const Array& w, int stride, int padding, int 
 
 void conv_forward(py::handle x, py::handle w, py::object b, py::handle y, int stride, int padding, int groups,
                   uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), aw = array_arg(w, "w", "f4", false),
-                ay = array_arg(y, "y", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), aw = array_arg(w, "w", "f4", false, stream),
+                ay = array_arg(y, "y", "f4", true, stream);
     const ConvArgs c = conv_args(ax, aw, stride, padding, groups);
     expect_shape(ay, "y", c.out_shape);
     expect_disjoint({{ay, "y"}}, {{ax, "x"}, {aw, "w"}});
     const float* pb = nullptr;
     if (!b.is_none()) {
-        const Array ab = array_arg(b, "b", "f4", false);
+        const Array ab = array_arg(b, "b", "f4", false, stream);
         expect_shape(ab, "b", {c.K});
         expect_disjoint({{ay, "y"}}, {{ab, "b"}});
         pb = f32(ab);
@@ -341,9 +408,9 @@ void conv_forward(py::handle x, py::handle w, py::object b, py::handle y, int st
 
 void conv_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py::handle dw, py::handle db, int stride,
                    int padding, int groups, uintptr_t stream) {
-    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
-                aw = array_arg(w, "w", "f4", false), adx = array_arg(dx, "dx", "f4", true),
-                adw = array_arg(dw, "dw", "f4", true), adb = array_arg(db, "db", "f4", true);
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), ax = array_arg(x, "x", "f4", false, stream),
+                aw = array_arg(w, "w", "f4", false, stream), adx = array_arg(dx, "dx", "f4", true, stream),
+                adw = array_arg(dw, "dw", "f4", true, stream), adb = array_arg(db, "db", "f4", true, stream);
     const ConvArgs c = conv_args(ax, aw, stride, padding, groups);
     expect_shape(ady, "dy", c.out_shape);
     expect_shape(adx, "dx", ax.shape);
@@ -357,8 +424,8 @@ void conv_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py:
 
 void conv_backward_data(py::handle dy, py::handle w, py::handle dx, int stride, int padding, int groups,
                         uintptr_t stream) {
-    const Array ady = array_arg(dy, "dy", "f4", false), aw = array_arg(w, "w", "f4", false),
-                adx = array_arg(dx, "dx", "f4", true);
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), aw = array_arg(w, "w", "f4", false, stream),
+                adx = array_arg(dx, "dx", "f4", true, stream);
     const ConvArgs c = conv_args(adx, aw, stride, padding, groups);
     expect_shape(ady, "dy", c.out_shape);
     expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {aw, "w"}});
@@ -369,8 +436,8 @@ void conv_backward_data(py::handle dy, py::handle w, py::handle dx, int stride, 
 
 void conv_backward_filter(py::handle dy, py::handle x, py::handle dw, py::handle db, int stride, int padding,
                           int groups, uintptr_t stream) {
-    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
-                adw = array_arg(dw, "dw", "f4", true), adb = array_arg(db, "db", "f4", true);
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), ax = array_arg(x, "x", "f4", false, stream),
+                adw = array_arg(dw, "dw", "f4", true, stream), adb = array_arg(db, "db", "f4", true, stream);
     const ConvArgs c = conv_args(ax, adw, stride, padding, groups);
     expect_shape(ady, "dy", c.out_shape);
     expect_shape(adb, "db", {c.K});
@@ -394,7 +461,7 @@ void lrn_check(int size, float alpha, float beta, float k) {
 }
 
 void lrn_forward(py::handle x, py::handle y, int size, float alpha, float beta, float k, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), ay = array_arg(y, "y", "f4", true, stream);
     expect_nchw(ax, "x");
     expect_shape(ay, "y", ax.shape);
     expect_disjoint({{ay, "y"}}, {{ax, "x"}});
@@ -406,8 +473,8 @@ void lrn_forward(py::handle x, py::handle y, int size, float alpha, float beta, 
 
 void lrn_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, int size, float alpha, float beta, float k,
                   uintptr_t stream) {
-    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
-                ay = array_arg(y, "y", "f4", false), adx = array_arg(dx, "dx", "f4", true);
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), ax = array_arg(x, "x", "f4", false, stream),
+                ay = array_arg(y, "y", "f4", false, stream), adx = array_arg(dx, "dx", "f4", true, stream);
     expect_nchw(ax, "x");
     expect_shape(ady, "dy", ax.shape);
     expect_shape(ay, "y", ax.shape);
@@ -435,7 +502,7 @@ std::vector<int64_t> pool_shape(const Array& x, int size, int stride) {
 }
 
 void maxpool_forward(py::handle x, py::handle y, int size, int stride, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), ay = array_arg(y, "y", "f4", true, stream);
     expect_shape(ay, "y", pool_shape(ax, size, stride));
     expect_disjoint({{ay, "y"}}, {{ax, "x"}});
     py::gil_scoped_release nogil;
@@ -444,8 +511,8 @@ void maxpool_forward(py::handle x, py::handle y, int size, int stride, uintptr_t
 }
 
 void maxpool_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, int size, int stride, uintptr_t stream) {
-    const Array ady = array_arg(dy, "dy", "f4", false), ax = array_arg(x, "x", "f4", false),
-                ay = array_arg(y, "y", "f4", false), adx = array_arg(dx, "dx", "f4", true);
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), ax = array_arg(x, "x", "f4", false, stream),
+                ay = array_arg(y, "y", "f4", false, stream), adx = array_arg(dx, "dx", "f4", true, stream);
     const std::vector<int64_t> pooled = pool_shape(ax, size, stride);
     expect_shape(ady, "dy", pooled);
     expect_shape(ay, "y", pooled);
@@ -456,6 +523,40 @@ void maxpool_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, 
                          int(ax.shape[3]), size, stride, stream_arg(stream));
 }
 
+// Adaptive average pooling's geometry: x (N, C, H, W) pooled to y (N, C, OH, OW), every size >= 1. The output
+// size is the pooled array's shape (y forward, dy backward), as dx's shape gives x's.
+void adaptive_pool_check(const Array& x, const char* x_name, const Array& y, const char* y_name) {
+    expect_nchw(x, x_name);
+    expect_nchw(y, y_name);
+    if (x.shape[2] < 1 || x.shape[3] < 1)
+        throw py::value_error(std::string(x_name) + ": expected height and width >= 1, got shape " + shape_str(x.shape));
+    if (y.shape[2] < 1 || y.shape[3] < 1)
+        throw py::value_error(std::string(y_name) + ": expected an output size >= 1 x 1, got shape " + shape_str(y.shape));
+    expect_shape(y, y_name, {x.shape[0], x.shape[1], y.shape[2], y.shape[3]});
+    int_dim(x.shape[2], "height");
+    int_dim(x.shape[3], "width");
+    int_dim(y.shape[2], "output height");
+    int_dim(y.shape[3], "output width");
+}
+
+void adaptive_avgpool_forward(py::handle x, py::handle y, uintptr_t stream) {
+    const Array ax = array_arg(x, "x", "f4", false, stream), ay = array_arg(y, "y", "f4", true, stream);
+    adaptive_pool_check(ax, "x", ay, "y");
+    expect_disjoint({{ay, "y"}}, {{ax, "x"}});
+    py::gil_scoped_release nogil;
+    pa::adaptive_avgpool_forward(f32(ax), f32(ay), ax.shape[0] * ax.shape[1], int(ax.shape[2]), int(ax.shape[3]),
+                                 int(ay.shape[2]), int(ay.shape[3]), stream_arg(stream));
+}
+
+void adaptive_avgpool_backward(py::handle dy, py::handle dx, uintptr_t stream) {
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), adx = array_arg(dx, "dx", "f4", true, stream);
+    adaptive_pool_check(adx, "dx", ady, "dy");
+    expect_disjoint({{adx, "dx"}}, {{ady, "dy"}});
+    py::gil_scoped_release nogil;
+    pa::adaptive_avgpool_backward(f32(ady), f32(adx), adx.shape[0] * adx.shape[1], int(adx.shape[2]),
+                                  int(adx.shape[3]), int(ady.shape[2]), int(ady.shape[3]), stream_arg(stream));
+}
+
 // The drop decision in integers: keep iff the 24-bit draw >= ceil(p * 2^24).
 unsigned keep_threshold(double p) {
     if (!(p >= 0.0 && p < 1.0)) throw py::value_error("p: expected a value in [0, 1), got " + std::to_string(p));
@@ -463,8 +564,8 @@ unsigned keep_threshold(double p) {
 }
 
 void dropout_forward(py::handle x, py::handle y, py::handle mask, double p, unsigned long long seed, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true),
-                am = array_arg(mask, "mask", "u4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), ay = array_arg(y, "y", "f4", true, stream),
+                am = array_arg(mask, "mask", "u4", true, stream);
     expect_shape(ay, "y", ax.shape);
     expect_shape(am, "mask", {(ax.size + 31) / 32});
     expect_disjoint({{ay, "y"}, {am, "mask"}}, {{ax, "x"}});
@@ -475,8 +576,8 @@ void dropout_forward(py::handle x, py::handle y, py::handle mask, double p, unsi
 }
 
 void dropout_backward(py::handle dy, py::handle mask, py::handle dx, double p, uintptr_t stream) {
-    const Array ady = array_arg(dy, "dy", "f4", false), am = array_arg(mask, "mask", "u4", false),
-                adx = array_arg(dx, "dx", "f4", true);
+    const Array ady = array_arg(dy, "dy", "f4", false, stream), am = array_arg(mask, "mask", "u4", false, stream),
+                adx = array_arg(dx, "dx", "f4", true, stream);
     expect_shape(am, "mask", {(ady.size + 31) / 32});
     expect_shape(adx, "dx", ady.shape);
     expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {am, "mask"}});
@@ -487,8 +588,8 @@ void dropout_backward(py::handle dy, py::handle mask, py::handle dx, double p, u
 }
 
 void selftest_tiled_gemm(py::handle a, py::handle b, py::handle c, uintptr_t stream) {
-    const Array aa = array_arg(a, "a", "f4", false), ab = array_arg(b, "b", "f4", false),
-                ac = array_arg(c, "c", "f4", true);
+    const Array aa = array_arg(a, "a", "f4", false, stream), ab = array_arg(b, "b", "f4", false, stream),
+                ac = array_arg(c, "c", "f4", true, stream);
     expect_rank(aa, "a", 2);
     expect_shape(ab, "b", {aa.shape[1], ab.shape.size() == 2 ? ab.shape[1] : -1});
     expect_shape(ac, "c", {aa.shape[0], ab.shape[1]});
@@ -498,7 +599,7 @@ void selftest_tiled_gemm(py::handle a, py::handle b, py::handle c, uintptr_t str
 }
 
 void selftest_shuffle_sum(py::handle x, py::handle out, int variant, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), aout = array_arg(out, "out", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), aout = array_arg(out, "out", "f4", true, stream);
     expect_rank(ax, "x", 1);
     if (ax.size < 1) throw py::value_error("x: must not be empty");
     const int n = int_dim(ax.size, "n");
@@ -509,7 +610,7 @@ void selftest_shuffle_sum(py::handle x, py::handle out, int variant, uintptr_t s
 }
 
 void selftest_dynamic_shared(py::handle x, py::handle y, int shared_floats, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), ay = array_arg(y, "y", "f4", true, stream);
     expect_rank(ax, "x", 1);
     expect_shape(ay, "y", ax.shape);
     if (ax.size < 1) throw py::value_error("x: must not be empty");
@@ -520,7 +621,7 @@ void selftest_dynamic_shared(py::handle x, py::handle y, int shared_floats, uint
 }
 
 void selftest_atomics(py::handle x, py::handle counters, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "i4", false), ac = array_arg(counters, "counters", "i4", true);
+    const Array ax = array_arg(x, "x", "i4", false, stream), ac = array_arg(counters, "counters", "i4", true, stream);
     expect_rank(ax, "x", 1);
     expect_shape(ac, "counters", {4});
     if (ax.size < 1) throw py::value_error("x: must not be empty");
@@ -530,18 +631,41 @@ void selftest_atomics(py::handle x, py::handle counters, uintptr_t stream) {
 }
 
 void selftest_exited_lanes(py::handle x, py::handle out, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), aout = array_arg(out, "out", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), aout = array_arg(out, "out", "f4", true, stream);
     expect_shape(ax, "x", {48});
     expect_shape(aout, "out", {48});
     py::gil_scoped_release nogil;
     pa::selftest_exited_lanes(f32(ax), f32(aout), stream_arg(stream));
 }
 
-void augment_batch(py::handle images, py::handle mean, py::handle params, py::handle shift, py::handle out, float scale,
-                   uintptr_t stream) {
-    const Array ai = array_arg(images, "images", "u1", false), am = array_arg(mean, "mean", "f4", false),
-                ap = array_arg(params, "params", "i4", false), as = array_arg(shift, "shift", "f4", false),
-                ao = array_arg(out, "out", "f4", true);
+// augment_batch's scale: one number for every channel, or a sequence of three (RGB), each finite as a float32.
+std::array<float, 3> channel_scale(py::handle scale) {
+    std::array<float, 3> s;
+    try {
+        if (py::isinstance<py::str>(scale) || py::isinstance<py::bytes>(scale)) throw py::cast_error();
+        if (py::isinstance<py::sequence>(scale)) {
+            const py::sequence seq = py::reinterpret_borrow<py::sequence>(scale);
+            if (seq.size() != 3)
+                throw py::value_error("scale: expected a number or 3 numbers (one per RGB channel), got " +
+                                      std::to_string(seq.size()));
+            for (size_t c = 0; c < 3; ++c) s[c] = seq[c].cast<float>();
+        } else {
+            s.fill(scale.cast<float>());
+        }
+    } catch (const py::cast_error&) {
+        throw py::type_error("scale: expected a number or 3 numbers (one per RGB channel), got " +
+                             std::string(py::str(py::type::handle_of(scale).attr("__name__"))));
+    }
+    for (float v : s)
+        if (!std::isfinite(v)) throw py::value_error("scale: expected finite values (as float32), got " + std::to_string(v));
+    return s;
+}
+
+void augment_batch(py::handle images, py::handle mean, py::handle params, py::handle shift, py::handle out,
+                   py::handle scale_obj, uintptr_t stream) {
+    const Array ai = array_arg(images, "images", "u1", false, stream), am = array_arg(mean, "mean", "f4", false, stream),
+                ap = array_arg(params, "params", "i4", false, stream), as = array_arg(shift, "shift", "f4", false, stream),
+                ao = array_arg(out, "out", "f4", true, stream);
     if (ai.shape.size() != 4 || ai.shape[3] != 3 || ai.shape[1] != ai.shape[2])
         throw py::value_error("images: expected (batch, size, size, 3) uint8, got shape " + shape_str(ai.shape));
     const int64_t batch = ai.shape[0], size = ai.shape[1];
@@ -553,7 +677,7 @@ void augment_batch(py::handle images, py::handle mean, py::handle params, py::ha
     expect_shape(am, "mean", {size, size, 3});
     expect_shape(ap, "params", {batch, 3});
     expect_shape(as, "shift", {batch, 3});
-    if (!std::isfinite(scale)) throw py::value_error("scale: expected a finite value");
+    const std::array<float, 3> scale = channel_scale(scale_obj);
     index32({{&ai, "images"}, {&ao, "out"}});
     expect_disjoint({{ao, "out"}}, {{ai, "images"}, {am, "mean"}, {ap, "params"}, {as, "shift"}});
     py::gil_scoped_release nogil;
@@ -562,7 +686,7 @@ void augment_batch(py::handle images, py::handle mean, py::handle params, py::ha
 }
 
 void selftest_index64(py::handle x, py::handle y, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), ay = array_arg(y, "y", "f4", true, stream);
     expect_rank(ax, "x", 1);
     expect_shape(ay, "y", ax.shape);
     if (ax.size < 1) throw py::value_error("x: expected at least one element");
@@ -572,7 +696,7 @@ void selftest_index64(py::handle x, py::handle y, uintptr_t stream) {
 }
 
 void selftest_memory_pattern(const std::string& pattern, py::handle x, py::handle y, uintptr_t stream) {
-    const Array ax = array_arg(x, "x", "f4", false), ay = array_arg(y, "y", "f4", true);
+    const Array ax = array_arg(x, "x", "f4", false, stream), ay = array_arg(y, "y", "f4", true, stream);
     expect_shape(ax, "x", {65536});
     expect_shape(ay, "y", {4096});
     expect_disjoint({{ay, "y"}}, {{ax, "x"}}, false);
@@ -581,7 +705,7 @@ void selftest_memory_pattern(const std::string& pattern, py::handle x, py::handl
 }
 
 void selftest_uninitialised_shared(py::handle out, uintptr_t stream) {
-    const Array aout = array_arg(out, "out", "f4", true);
+    const Array aout = array_arg(out, "out", "f4", true, stream);
     expect_shape(aout, "out", {128});
     py::gil_scoped_release nogil;
     pa::selftest_uninitialised_shared(f32(aout), stream_arg(stream));
@@ -593,7 +717,7 @@ void selftest_planted(const std::string& fault, py::handle scratch) {
     (void)scratch;
     throw py::value_error("selftest_planted: planted faults run on the emulator only (on a GPU several would hang)");
 #else
-    const Array as = array_arg(scratch, "scratch", "f4", true);
+    const Array as = array_arg(scratch, "scratch", "f4", true, 0);
     expect_shape(as, "scratch", {1024});
     py::gil_scoped_release nogil;
     pa::selftest_planted(fault.c_str(), f32(as), nullptr);
@@ -705,13 +829,19 @@ PYBIND11_MODULE(PA_MODULE, m) {
           "Max over size x size windows at stride, floor mode, no padding.");
     m.def("maxpool_backward", &maxpool_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("dx"),
           py::arg("size"), py::arg("stride"), s, "dx of maxpool_forward: dy to each window's first maximum.");
+    m.def("adaptive_avgpool_forward", &adaptive_avgpool_forward, py::arg("x"), py::arg("y"), s,
+          "PyTorch's AdaptiveAvgPool2d to y's (OH, OW): cell (i, j) averages rows [floor(i H / OH), "
+          "ceil((i + 1) H / OH)), columns likewise.");
+    m.def("adaptive_avgpool_backward", &adaptive_avgpool_backward, py::arg("dy"), py::arg("dx"), s,
+          "dx of adaptive_avgpool_forward (dx's shape gives x's; deterministic).");
     m.def("dropout_forward", &dropout_forward, py::arg("x"), py::arg("y"), py::arg("mask"), py::arg("p"),
           py::arg("seed"), s, "Inverted dropout with a Philox4x32-10 bit mask keyed by (seed, element index).");
     m.def("dropout_backward", &dropout_backward, py::arg("dy"), py::arg("mask"), py::arg("dx"), py::arg("p"), s,
           "dx = dy * mask / (1 - p).");
     m.def("augment_batch", &augment_batch, py::arg("images"), py::arg("mean"), py::arg("params"), py::arg("shift"),
           py::arg("out"), py::arg("scale"), s,
-          "Crop, flip, mean subtraction and PCA colour shift of a uint8 HWC batch into float32 NCHW.");
+          "Crop, flip, mean subtraction and PCA colour shift of a uint8 HWC batch into float32 NCHW, times scale "
+          "(a number, or one per RGB channel).");
     m.def("selftest_tiled_gemm", &selftest_tiled_gemm, py::arg("a"), py::arg("b"), py::arg("c"), s);
     m.def("selftest_shuffle_sum", &selftest_shuffle_sum, py::arg("x"), py::arg("out"), py::arg("variant"), s);
     m.def("selftest_dynamic_shared", &selftest_dynamic_shared, py::arg("x"), py::arg("y"), py::arg("shared_floats"), s);

@@ -5,6 +5,7 @@
 // pa::KernelError if a launch fails.
 #pragma once
 
+#include <array>
 #include <cstdint>
 
 namespace pa {
@@ -61,6 +62,11 @@ void lrn_backward(const float* dy, const float* x, const float* y, float* dx, in
 void maxpool_forward(const float* x, float* y, int64_t planes, int H, int W, int size, int stride, Stream stream);
 void maxpool_backward(const float* dy, const float* x, const float* y, float* dx, int64_t planes, int H, int W,
                       int size, int stride, Stream stream);
+// Adaptive average pooling (PyTorch's AdaptiveAvgPool2d): x, dx (planes, H, W), y, dy (planes, OH, OW), all sizes
+// >= 1; cell (i, j) averages rows [floor(i H / OH), ceil((i + 1) H / OH)), columns likewise. Backward overwrites dx.
+void adaptive_avgpool_forward(const float* x, float* y, int64_t planes, int H, int W, int OH, int OW, Stream stream);
+void adaptive_avgpool_backward(const float* dy, float* dx, int64_t planes, int H, int W, int OH, int OW,
+                               Stream stream);
 
 // dropout.cu: inverted dropout with a Philox bit mask (ceil(n / 32) uint32 words); an element is kept iff its
 // 24-bit draw is >= keep_threshold = ceil(p * 2^24); kept elements are scaled by `scale` = 1 / (1 - p).
@@ -70,9 +76,9 @@ void dropout_backward(const float* dy, const unsigned* mask, float* dx, int64_t 
 
 // augment.cu: a batch of stored uint8 HWC images (batch, size, size, 3) to float32 NCHW crops (batch, 3, crop,
 // crop): random crop and flip by params (batch, 3) int32 {oy, ox, flip}, minus the per-pixel mean (size, size, 3),
-// plus the PCA colour shift (batch, 3), times scale.
+// plus the PCA colour shift (batch, 3), times scale[c] per channel (RGB; host values, finite).
 void augment_batch(const unsigned char* images, const float* mean, const int* params, const float* shift, float* out,
-                   int batch, int size, int crop, float scale, Stream stream);
+                   int batch, int size, int crop, const std::array<float, 3>& scale, Stream stream);
 
 // selftest.cu: small kernels that exercise the emulator (and run on the GPU too, except the planted faults).
 void selftest_tiled_gemm(const float* A, const float* B, float* C, int M, int N, int K, Stream stream);

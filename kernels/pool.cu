@@ -73,6 +73,64 @@ __global__ void __launch_bounds__(kPoolThreads)
     dx[e] = grad;
 }
 
+// Adaptive average pooling, PyTorch's AdaptiveAvgPool2d: the output size is given and each output cell averages
+// the input rows h0(i) .. h1(i) - 1 with h0(i) = floor(i H / OH), h1(i) = ceil((i + 1) H / OH), columns likewise.
+// Windows may overlap (H not a multiple of OH) and repeat (H < OH: several cells average the same rows).
+//
+//   forward:  y[n,c,i,j] = sum of x[n,c,h,w] over the window / (window rows * window columns)
+//   backward: dx[h,w] = sum over the cells (i,j) whose windows contain (h,w) of dy[i,j] / their window size
+// The cells whose windows contain row h are exactly i in [floor(h OH / H), ceil((h + 1) OH / H) - 1]: the same
+// formula with the roles of H and OH swapped, which is why one helper serves both directions.
+//
+// x, dx: (N, C, H, W); y, dy: (N, C, OH, OW); float32, contiguous; H, W, OH, OW >= 1. Thread mapping: forward has
+// one thread per output cell. Backward has one thread per INPUT element that gathers from the cells covering it,
+// in a fixed order: each dx element is written once, so the result is deterministic without atomics or a
+// zero-fill. Products such as i * H are formed in 64 bits: both factors may be large.
+
+// [begin, end) of the window of cell i when `from` rows pool into `to` cells.
+__device__ __forceinline__ int window_begin(int i, int from, int to) { return int(int64_t(i) * from / to); }
+__device__ __forceinline__ int window_end(int i, int from, int to) {
+    return int((int64_t(i + 1) * from + to - 1) / to);
+}
+
+__global__ void __launch_bounds__(kPoolThreads)
+    adaptive_avgpool_forward_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t outputs, int H, int W,
+                                    int OH, int OW) {
+    const int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (o >= outputs) return;
+    const int j = int(o % OW), i = int(o / OW % OH);
+    const int64_t plane = o / (int64_t(OH) * OW);
+    const int h0 = window_begin(i, H, OH), h1 = window_end(i, H, OH);
+    const int w0 = window_begin(j, W, OW), w1 = window_end(j, W, OW);
+    const float* xs = x + plane * H * W;
+    float sum = 0.0f;
+    for (int h = h0; h < h1; ++h)
+        for (int w = w0; w < w1; ++w) sum += xs[int64_t(h) * W + w];
+    // Divide by the count, as PyTorch does, rather than multiply by its reciprocal: 6 -> 6 stays the identity.
+    y[o] = sum / float(int64_t(h1 - h0) * (w1 - w0));
+}
+
+__global__ void __launch_bounds__(kPoolThreads)
+    adaptive_avgpool_backward_kernel(const float* __restrict__ dy, float* __restrict__ dx, int64_t inputs, int H,
+                                     int W, int OH, int OW) {
+    const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (e >= inputs) return;
+    const int w = int(e % W), h = int(e / W % H);
+    const int64_t plane = e / (int64_t(H) * W);
+    const float* dys = dy + plane * OH * OW;
+    const int i0 = window_begin(h, OH, H), i1 = window_end(h, OH, H);
+    const int j0 = window_begin(w, OW, W), j1 = window_end(w, OW, W);
+    float grad = 0.0f;
+    for (int i = i0; i < i1; ++i) {
+        const int rows = window_end(i, H, OH) - window_begin(i, H, OH);
+        for (int j = j0; j < j1; ++j) {
+            const int cols = window_end(j, W, OW) - window_begin(j, W, OW);
+            grad += dys[int64_t(i) * OW + j] / float(int64_t(rows) * cols);
+        }
+    }
+    dx[e] = grad;
+}
+
 void maxpool_forward(const float* x, float* y, int64_t planes, int H, int W, int size, int stride, Stream stream) {
     const int P = (H - size) / stride + 1, Q = (W - size) / stride + 1;
     const int64_t outputs = planes * P * Q;
@@ -88,6 +146,21 @@ void maxpool_backward(const float* dy, const float* x, const float* y, float* dx
     if (inputs <= 0) return;
     PA_LAUNCH(maxpool_backward_kernel, ceil_div(inputs, kPoolThreads), kPoolThreads, 0, as_stream(stream), dy, x, y,
               dx, inputs, H, W, P, Q, size, stride);
+}
+
+void adaptive_avgpool_forward(const float* x, float* y, int64_t planes, int H, int W, int OH, int OW, Stream stream) {
+    const int64_t outputs = planes * OH * OW;
+    if (outputs <= 0) return;
+    PA_LAUNCH(adaptive_avgpool_forward_kernel, ceil_div(outputs, kPoolThreads), kPoolThreads, 0, as_stream(stream), x,
+              y, outputs, H, W, OH, OW);
+}
+
+void adaptive_avgpool_backward(const float* dy, float* dx, int64_t planes, int H, int W, int OH, int OW,
+                               Stream stream) {
+    const int64_t inputs = planes * H * W;
+    if (inputs <= 0) return;
+    PA_LAUNCH(adaptive_avgpool_backward_kernel, ceil_div(inputs, kPoolThreads), kPoolThreads, 0, as_stream(stream), dy,
+              dx, inputs, H, W, OH, OW);
 }
 
 }  // namespace pa

@@ -5,22 +5,39 @@ Layouts follow PyTorch: activations NCHW float32, FC weights (out, in). Function
 ``cuda``). Every argument is checked first; see ``_checks``.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: it would leave a name `annotations` in this module's namespace, and
+# dir(pyalexnet.ops) is the API (__all__). Hence also the private aliases of everything imported.
+from typing import Any as _Any
+from typing import Optional as _Optional
+from typing import Sequence as _Sequence
+from typing import Tuple as _Tuple
+from typing import Union as _Union
 
-import numpy as np
+import numpy as _np
 
 from . import _backend
-from . import _checks as check
+from . import _checks as _check
+
+__all__ = [
+    "adaptive_avgpool_backward", "adaptive_avgpool_forward", "augment_batch", "conv2d_backward", "conv2d_forward",
+    "dropout_backward", "dropout_forward", "dropout_keep", "linear_backward", "linear_forward", "lrn_backward",
+    "lrn_forward", "maxpool_backward", "maxpool_forward", "relu_backward", "relu_forward", "sgd_update",
+    "softmax_cross_entropy", "to_host",
+]
+
+# An array of the active backend: a NumPy array on emu, a CuPy array on cuda (inputs may also be anything the
+# backend wraps without a copy: __cuda_array_interface__, DLPack). Typed loosely, since CuPy is optional.
+_Array = _Any
 
 # Tests set this to fill every output with NaN before the kernel runs, so an element the kernel fails to
 # write shows up instead of passing with whatever the allocator left there.
-poison_outputs = False
+_poison_outputs = False
 
 
-def _empty(shape, dtype=np.float32):
+def _empty(shape, dtype=_np.float32) -> _Array:
     xp = _backend.active.xp
-    if poison_outputs:
-        return xp.full(shape, np.nan, dtype=dtype)
+    if _poison_outputs:
+        return xp.full(shape, _np.nan, dtype=dtype)
     return xp.empty(shape, dtype=dtype)
 
 
@@ -29,19 +46,19 @@ def _call(name, *args):
     getattr(be.module, name)(*args, stream=be.stream())
 
 
-def relu_forward(x):
+def relu_forward(x: _Array) -> _Array:
     """y = max(x, 0) elementwise, any shape; NaN stays NaN."""
-    x = check.array(x, "x")
+    x = _check.array(x, "x")
     y = _empty(x.shape)
     _call("relu_forward", x, y)
     return y
 
 
-def relu_backward(dy, y):
+def relu_backward(dy: _Array, y: _Array) -> _Array:
     """dx = dy where y > 0, else 0; ``y`` is relu_forward's output."""
-    dy = check.array(dy, "dy")
-    y = check.array(y, "y")
-    check.same_shape(y, "y", dy.shape)
+    dy = _check.array(dy, "dy")
+    y = _check.array(y, "y")
+    _check.same_shape(y, "y", dy.shape)
     dx = _empty(dy.shape)
     _call("relu_backward", dy, y, dx)
     return dx
@@ -49,11 +66,11 @@ def relu_backward(dy, y):
 
 def _conv_args(x, w, stride, padding, groups):
     """Checks a convolution's arrays and geometry; returns (x, w, stride, padding, groups, output shape)."""
-    stride = check.positive_int(stride, "stride")
-    padding = check.nonnegative_int(padding, "padding")
-    groups = check.positive_int(groups, "groups")
-    x = check.array(x, "x", ndim=4)
-    w = check.array(w, "w", ndim=4)
+    stride = _check.positive_int(stride, "stride")
+    padding = _check.nonnegative_int(padding, "padding")
+    groups = _check.positive_int(groups, "groups")
+    x = _check.array(x, "x", ndim=4)
+    w = _check.array(w, "w", ndim=4)
     n, c, h, wd = x.shape
     k, cg, r, s = w.shape
     if c % groups or k % groups:
@@ -67,33 +84,35 @@ def _conv_args(x, w, stride, padding, groups):
     if h + 2 * padding < r or wd + 2 * padding < s:
         raise ValueError(f"w: a {r}x{s} kernel is larger than the {h + 2 * padding}x{wd + 2 * padding} padded input")
     out = (n, k, (h + 2 * padding - r) // stride + 1, (wd + 2 * padding - s) // stride + 1)
-    check.index32(x.shape, "x")
-    check.index32(w.shape, "w")
-    check.index32(out, "the output")
-    check.index32((h + 2 * padding,), "the padded height")
-    check.index32((wd + 2 * padding,), "the padded width")
+    _check.index32(x.shape, "x")
+    _check.index32(w.shape, "w")
+    _check.index32(out, "the output")
+    _check.index32((h + 2 * padding,), "the padded height")
+    _check.index32((wd + 2 * padding,), "the padded width")
     return x, w, stride, padding, groups, out
 
 
-def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1):
+def conv2d_forward(x: _Array, w: _Array, b: _Optional[_Array] = None, stride: int = 1, padding: int = 0,
+                   groups: int = 1) -> _Array:
     """y = conv2d(x, w) + b: cross-correlation, zero padding, groups (PyTorch's conv2d).
 
     x (N, C, H, W), w (K, C / groups, R, S), b (K,) or None; y (N, K, P, Q), P = (H + 2 padding - R) // stride + 1.
     """
     x, w, stride, padding, groups, out = _conv_args(x, w, stride, padding, groups)
     if b is not None:
-        b = check.array(b, "b", ndim=1)
-        check.same_shape(b, "b", (w.shape[0],))
+        b = _check.array(b, "b", ndim=1)
+        _check.same_shape(b, "b", (w.shape[0],))
     y = _empty(out)
     _call("conv_forward", x, w, b, y, stride, padding, groups)
     return y
 
 
-def conv2d_backward(dy, x, w, stride=1, padding=0, groups=1):
+def conv2d_backward(dy: _Array, x: _Array, w: _Array, stride: int = 1, padding: int = 0,
+                    groups: int = 1) -> _Tuple[_Array, _Array, _Array]:
     """Gradients of conv2d_forward: returns (dx, dw, db). Deterministic: the same inputs give the same bits."""
     x, w, stride, padding, groups, out = _conv_args(x, w, stride, padding, groups)
-    dy = check.array(dy, "dy", ndim=4)
-    check.same_shape(dy, "dy", out)
+    dy = _check.array(dy, "dy", ndim=4)
+    _check.same_shape(dy, "dy", out)
     dx = _empty(x.shape)
     dw = _empty(w.shape)
     db = _empty((w.shape[0],))
@@ -102,23 +121,23 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, groups=1):
 
 
 def _linear_shapes(x, w, b=None):
-    x = check.array(x, "x", ndim=2)
-    w = check.array(w, "w", ndim=2)
+    x = _check.array(x, "x", ndim=2)
+    w = _check.array(w, "w", ndim=2)
     if w.shape[1] != x.shape[1]:
         raise ValueError(
             f"w: expected shape (out_features, {x.shape[1]}) to match x's {x.shape[1]} input features, "
             f"got {tuple(w.shape)}"
         )
     if b is not None:
-        b = check.array(b, "b", ndim=1)
-        check.same_shape(b, "b", (w.shape[0],))
-    check.index32(x.shape, "x")
-    check.index32(w.shape, "w")
-    check.index32((x.shape[0], w.shape[0]), "the output")
+        b = _check.array(b, "b", ndim=1)
+        _check.same_shape(b, "b", (w.shape[0],))
+    _check.index32(x.shape, "x")
+    _check.index32(w.shape, "w")
+    _check.index32((x.shape[0], w.shape[0]), "the output")
     return x, w, b
 
 
-def linear_forward(x, w, b=None):
+def linear_forward(x: _Array, w: _Array, b: _Optional[_Array] = None) -> _Array:
     """y = x w^T + b for x (batch, in), w (out, in), b (out,) or None; y is (batch, out)."""
     x, w, b = _linear_shapes(x, w, b)
     y = _empty((x.shape[0], w.shape[0]))
@@ -126,11 +145,11 @@ def linear_forward(x, w, b=None):
     return y
 
 
-def linear_backward(dy, x, w):
+def linear_backward(dy: _Array, x: _Array, w: _Array) -> _Tuple[_Array, _Array, _Array]:
     """Gradients of y = x w^T + b: returns (dx = dy w, dw = dy^T x, db = sum of dy over the batch)."""
     x, w, _ = _linear_shapes(x, w)
-    dy = check.array(dy, "dy", ndim=2)
-    check.same_shape(dy, "dy", (x.shape[0], w.shape[0]))
+    dy = _check.array(dy, "dy", ndim=2)
+    _check.same_shape(dy, "dy", (x.shape[0], w.shape[0]))
     dx = _empty(x.shape)
     dw = _empty(w.shape)
     db = _empty((w.shape[0],))
@@ -138,19 +157,19 @@ def linear_backward(dy, x, w):
     return dx, dw, db
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits: _Array, labels: _Array) -> _Tuple[float, _Array]:
     """Mean cross-entropy of softmax(logits) against integer labels, and its gradient.
 
     logits: (batch, classes) float32; labels: (batch,) int32 or int64 in [0, classes).
     Returns (loss as a Python float, dlogits of shape (batch, classes)).
     """
-    logits = check.array(logits, "logits", ndim=2)
-    labels = check.array(labels, "labels", dtype=(np.int32, np.int64), ndim=1)
+    logits = _check.array(logits, "logits", ndim=2)
+    labels = _check.array(labels, "labels", dtype=(_np.int32, _np.int64), ndim=1)
     batch, classes = logits.shape
     if batch < 1 or classes < 1:
         raise ValueError(f"logits: expected shape (batch >= 1, classes >= 1), got {tuple(logits.shape)}")
-    check.same_shape(labels, "labels", (batch,))
-    check.index32(logits.shape, "logits")
+    _check.same_shape(labels, "labels", (batch,))
+    _check.index32(logits.shape, "logits")
     dlogits = _empty(logits.shape)
     row_loss = _empty((batch,))
     result = _empty((2,))
@@ -162,150 +181,210 @@ def softmax_cross_entropy(logits, labels):
     return loss, dlogits
 
 
-def sgd_update(w, dw, v, lr, momentum=0.9, weight_decay=5e-4):
+def sgd_update(w: _Array, dw: _Array, v: _Array, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
     """The paper's update, in place: v = momentum v - weight_decay lr w - lr dw; w += v. Returns None."""
-    lr = check.positive_finite(lr, "lr")
-    momentum = check.unit_interval(momentum, "momentum")
-    weight_decay = check.nonnegative_finite(weight_decay, "weight_decay")
-    w = check.array(w, "w")
-    dw = check.array(dw, "dw")
-    v = check.array(v, "v")
-    check.same_shape(dw, "dw", w.shape)
-    check.same_shape(v, "v", w.shape)
-    check.writable(w, "w")
-    check.writable(v, "v")
+    lr = _check.positive_finite(lr, "lr")
+    momentum = _check.unit_interval(momentum, "momentum")
+    weight_decay = _check.nonnegative_finite(weight_decay, "weight_decay")
+    w = _check.array(w, "w")
+    dw = _check.array(dw, "dw")
+    v = _check.array(v, "v")
+    _check.same_shape(dw, "dw", w.shape)
+    _check.same_shape(v, "v", w.shape)
+    _check.writable(w, "w")
+    _check.writable(v, "v")
     _call("sgd_update", w, dw, v, lr, momentum, weight_decay)
 
 
 def _lrn_args(size, alpha, beta, k):
-    size = check.positive_int(size, "size")
+    size = _check.positive_int(size, "size")
     if size % 2 == 0:
         raise ValueError(f"size: expected an odd window, got {size}")
-    return size, check.nonnegative_finite(alpha, "alpha"), check.nonnegative_finite(beta, "beta"), \
-        check.positive_finite(k, "k")
+    return size, _check.nonnegative_finite(alpha, "alpha"), _check.nonnegative_finite(beta, "beta"), \
+        _check.positive_finite(k, "k")
 
 
-def lrn_forward(x, size=5, alpha=1e-4, beta=0.75, k=2.0):
+def lrn_forward(x: _Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> _Array:
     """Local response normalisation across channels, the paper's formula (NCHW):
     y[c] = x[c] / (k + alpha * sum_{|c' - c| <= size // 2} x[c']^2)^beta. alpha is NOT divided by size (PyTorch's
     local_response_norm divides it: pass alpha * size there to compare)."""
     size, alpha, beta, k = _lrn_args(size, alpha, beta, k)
-    x = check.array(x, "x", ndim=4)
+    x = _check.array(x, "x", ndim=4)
     y = _empty(x.shape)
     _call("lrn_forward", x, y, size, alpha, beta, k)
     return y
 
 
-def lrn_backward(dy, x, y, size=5, alpha=1e-4, beta=0.75, k=2.0):
+def lrn_backward(dy: _Array, x: _Array, y: _Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
+                 k: float = 2.0) -> _Array:
     """dx of lrn_forward, given its input x and output y (the denominator is recomputed, not stored)."""
     size, alpha, beta, k = _lrn_args(size, alpha, beta, k)
-    x = check.array(x, "x", ndim=4)
-    dy = check.array(dy, "dy", ndim=4)
-    y = check.array(y, "y", ndim=4)
-    check.same_shape(dy, "dy", x.shape)
-    check.same_shape(y, "y", x.shape)
+    x = _check.array(x, "x", ndim=4)
+    dy = _check.array(dy, "dy", ndim=4)
+    y = _check.array(y, "y", ndim=4)
+    _check.same_shape(dy, "dy", x.shape)
+    _check.same_shape(y, "y", x.shape)
     dx = _empty(x.shape)
     _call("lrn_backward", dy, x, y, dx, size, alpha, beta, k)
     return dx
 
 
 def _pool_shape(x, size, stride):
-    size = check.positive_int(size, "size")
-    stride = check.positive_int(stride, "stride")
+    size = _check.positive_int(size, "size")
+    stride = _check.positive_int(stride, "stride")
     n, c, h, w = x.shape
     if h < size or w < size:
         raise ValueError(f"x: a {size}x{size} pooling window does not fit an input of {h}x{w} (H x W)")
     return size, stride, (n, c, (h - size) // stride + 1, (w - size) // stride + 1)
 
 
-def maxpool_forward(x, size=3, stride=2):
+def maxpool_forward(x: _Array, size: int = 3, stride: int = 2) -> _Array:
     """Max over size x size windows every `stride` pixels (NCHW), floor mode, no padding. NaN propagates."""
-    x = check.array(x, "x", ndim=4)
+    x = _check.array(x, "x", ndim=4)
     size, stride, pooled = _pool_shape(x, size, stride)
     y = _empty(pooled)
     _call("maxpool_forward", x, y, size, stride)
     return y
 
 
-def maxpool_backward(dy, x, y, size=3, stride=2):
+def maxpool_backward(dy: _Array, x: _Array, y: _Array, size: int = 3, stride: int = 2) -> _Array:
     """dx of maxpool_forward: each dy goes to its window's first maximum (row-major). Deterministic."""
-    x = check.array(x, "x", ndim=4)
+    x = _check.array(x, "x", ndim=4)
     size, stride, pooled = _pool_shape(x, size, stride)
-    dy = check.array(dy, "dy", ndim=4)
-    y = check.array(y, "y", ndim=4)
-    check.same_shape(dy, "dy", pooled)
-    check.same_shape(y, "y", pooled)
+    dy = _check.array(dy, "dy", ndim=4)
+    y = _check.array(y, "y", ndim=4)
+    _check.same_shape(dy, "dy", pooled)
+    _check.same_shape(y, "y", pooled)
     dx = _empty(x.shape)
     _call("maxpool_backward", dy, x, y, dx, size, stride)
     return dx
 
 
-def dropout_forward(x, p=0.5, seed=0):
+def _adaptive_output_size(output_size):
+    """An int or a pair of ints, each >= 1, as (out_h, out_w)."""
+    if isinstance(output_size, (tuple, list)):
+        if len(output_size) != 2:
+            raise ValueError(f"output_size: expected an int or a pair (out_h, out_w), got {output_size!r}")
+        return _check.positive_int(output_size[0], "output_size[0]"), _check.positive_int(output_size[1], "output_size[1]")
+    size = _check.positive_int(output_size, "output_size")
+    return size, size
+
+
+def _adaptive_input(x, name):
+    x = _check.array(x, name, ndim=4)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{name}: expected height and width >= 1, got shape {tuple(x.shape)}")
+    return x
+
+
+def adaptive_avgpool_forward(x: _Array, output_size: _Union[int, _Tuple[int, int]] = (6, 6)) -> _Array:
+    """PyTorch's AdaptiveAvgPool2d (NCHW): output cell (i, j) averages input rows floor(i H / OH) ..
+    ceil((i + 1) H / OH) - 1 and the columns alike; the windows may overlap, and repeat when H < OH.
+    ``output_size`` is an int or a pair (OH, OW); returns (N, C, OH, OW)."""
+    oh, ow = _adaptive_output_size(output_size)
+    x = _adaptive_input(x, "x")
+    y = _empty((x.shape[0], x.shape[1], oh, ow))
+    _call("adaptive_avgpool_forward", x, y)
+    return y
+
+
+def adaptive_avgpool_backward(dy: _Array, x: _Array) -> _Array:
+    """dx of adaptive_avgpool_forward: each dy[i, j] spread evenly over its window. Only x's shape is used.
+    Deterministic (no atomics)."""
+    x = _adaptive_input(x, "x")
+    dy = _check.array(dy, "dy", ndim=4)
+    if dy.shape[0] != x.shape[0] or dy.shape[1] != x.shape[1] or dy.shape[2] < 1 or dy.shape[3] < 1:
+        raise ValueError(
+            f"dy: expected shape ({x.shape[0]}, {x.shape[1]}, OH >= 1, OW >= 1) to match x's {tuple(x.shape)}, "
+            f"got {tuple(dy.shape)}"
+        )
+    dx = _empty(x.shape)
+    _call("adaptive_avgpool_backward", dy, dx)
+    return dx
+
+
+def dropout_forward(x: _Array, p: float = 0.5, seed: int = 0) -> _Tuple[_Array, _Array]:
     """Inverted dropout: each element is kept with probability 1 - p and scaled by 1 / (1 - p), or zeroed.
 
     The decision for element i (row-major) is a pure function of (seed, i) through Philox4x32-10, the same on
     every backend. Returns (y, mask): mask is uint32 with one bit per element (bit b of word w: element 32 w + b).
     """
-    p = check.unit_interval(p, "p")
-    seed = check.seed(seed)
-    x = check.array(x, "x")
+    p = _check.unit_interval(p, "p")
+    seed = _check.seed(seed)
+    x = _check.array(x, "x")
     y = _empty(x.shape)
-    mask = _backend.active.xp.empty(((x.size + 31) // 32,), dtype=np.uint32)
+    mask = _backend.active.xp.empty(((x.size + 31) // 32,), dtype=_np.uint32)
     _call("dropout_forward", x, y, mask, p, seed)
     return y, mask
 
 
-def dropout_backward(dy, mask, p=0.5):
+def dropout_backward(dy: _Array, mask: _Array, p: float = 0.5) -> _Array:
     """dx = dy / (1 - p) where the mask kept the element, else 0."""
-    p = check.unit_interval(p, "p")
-    dy = check.array(dy, "dy")
-    mask = check.array(mask, "mask", dtype=np.uint32, ndim=1)
-    check.same_shape(mask, "mask", ((dy.size + 31) // 32,))
+    p = _check.unit_interval(p, "p")
+    dy = _check.array(dy, "dy")
+    mask = _check.array(mask, "mask", dtype=_np.uint32, ndim=1)
+    _check.same_shape(mask, "mask", ((dy.size + 31) // 32,))
     dx = _empty(dy.shape)
     _call("dropout_backward", dy, mask, dx, p)
     return dx
 
 
-def dropout_keep(mask, shape) -> np.ndarray:
+def dropout_keep(mask: _Array, shape: _Sequence[int]) -> _np.ndarray:
     """The bit mask of dropout_forward as a host boolean array of `shape` (True = kept)."""
-    n = int(np.prod(shape))
-    words = np.asarray(to_host(mask), dtype="<u4")
-    return np.unpackbits(words.view(np.uint8), bitorder="little")[:n].astype(bool).reshape(shape)
+    n = int(_np.prod(shape))
+    words = _np.asarray(to_host(mask), dtype="<u4")
+    return _np.unpackbits(words.view(_np.uint8), bitorder="little")[:n].astype(bool).reshape(shape)
 
 
-def augment_batch(images, mean, params, shift, crop, scale=1.0):
+def _channel_scale(scale):
+    """augment_batch's scale as three finite float32-representable floats (one per RGB channel)."""
+    if isinstance(scale, (str, bytes)) or not hasattr(scale, "__len__"):
+        values = (_check.real(scale, "scale"),) * 3
+    else:
+        if len(scale) != 3:
+            raise ValueError(f"scale: expected a number or 3 numbers (one per RGB channel), got {len(scale)}")
+        values = tuple(_check.real(v, f"scale[{c}]") for c, v in enumerate(scale))
+    largest = float(_np.finfo(_np.float32).max)  # beyond it the kernel's float32 would be infinite
+    if not all(abs(v) <= largest for v in values):  # NaN fails the comparison too
+        raise ValueError(f"scale: expected finite values (as float32), got {scale!r}")
+    return values
+
+
+def augment_batch(images: _Array, mean: _Array, params: _Any, shift: _Any, crop: int,
+                  scale: _Union[float, _Sequence[float]] = 1.0) -> _Array:
     """The network's input from stored images, in one kernel (kernels/augment.cu): for each image b,
-    out[b, c, y, x] = scale * (images[b, oy + y, ox + x', c] - mean[oy + y, ox + x', c] + shift[b, c]),
+    out[b, c, y, x] = scale[c] * (images[b, oy + y, ox + x', c] - mean[oy + y, ox + x', c] + shift[b, c]),
     x' = crop - 1 - x when flipped. images (B, S, S, 3) uint8; mean (S, S, 3) float32; params (B, 3) int
     {oy, ox, flip} and shift (B, 3) float, host or backend arrays (params are checked on the host first);
-    returns (B, 3, crop, crop) float32. pyalexnet.data draws params and shift (train_draws, eval_draws)."""
-    crop = check.positive_int(crop, "crop")
-    scale = check.real(scale, "scale")
-    if not np.isfinite(scale):
-        raise ValueError(f"scale: expected a finite value, got {scale}")
-    images = check.array(images, "images", dtype=np.uint8, ndim=4)
+    scale is one number for all channels or three (RGB): torchvision's (x / 255 - m_c) / s_c is
+    mean = 255 m_c and scale = [1 / (255 s_c) for each c]. Returns (B, 3, crop, crop) float32.
+    pyalexnet.data draws params and shift (train_draws, eval_draws)."""
+    crop = _check.positive_int(crop, "crop")
+    scale = _channel_scale(scale)
+    images = _check.array(images, "images", dtype=_np.uint8, ndim=4)
     b, size = images.shape[0], images.shape[1]
     if images.shape[1:] != (size, size, 3):
         raise ValueError(f"images: expected (batch, size, size, 3), got shape {tuple(images.shape)}")
     if crop > size:
         raise ValueError(f"crop: {crop} does not fit images of {size} x {size}")
-    mean = check.array(mean, "mean", ndim=3)
-    check.same_shape(mean, "mean", (size, size, 3))
-    host_params = np.asarray(to_host(params) if not isinstance(params, np.ndarray) else params)
-    if host_params.shape != (b, 3) or not np.issubdtype(host_params.dtype, np.integer):
+    mean = _check.array(mean, "mean", ndim=3)
+    _check.same_shape(mean, "mean", (size, size, 3))
+    host_params = _np.asarray(to_host(params) if not isinstance(params, _np.ndarray) else params)
+    if host_params.shape != (b, 3) or not _np.issubdtype(host_params.dtype, _np.integer):
         raise ValueError(f"params: expected ({b}, 3) integers, got {host_params.dtype} {host_params.shape}")
     if b and (host_params[:, :2].min() < 0 or host_params[:, :2].max() > size - crop
-              or not np.isin(host_params[:, 2], (0, 1)).all()):
+              or not _np.isin(host_params[:, 2], (0, 1)).all()):
         raise ValueError(f"params: offsets must lie in [0, {size - crop}] and flips be 0 or 1")
-    host_shift = np.asarray(to_host(shift) if not isinstance(shift, np.ndarray) else shift, dtype=np.float32)
+    host_shift = _np.asarray(to_host(shift) if not isinstance(shift, _np.ndarray) else shift, dtype=_np.float32)
     if host_shift.shape != (b, 3):
         raise ValueError(f"shift: expected shape ({b}, 3), got {host_shift.shape}")
     xp = _backend.active.xp
     out = _empty((b, 3, crop, crop))
-    _call("augment_batch", images, mean, xp.asarray(host_params.astype(np.int32)), xp.asarray(host_shift), out,
-          float(scale))
+    _call("augment_batch", images, mean, xp.asarray(host_params.astype(_np.int32)), xp.asarray(host_shift), out,
+          list(scale))
     return out
 
 
-def to_host(a) -> np.ndarray:
-    return a.get() if _backend.active.name == "cuda" and not isinstance(a, np.ndarray) else np.asarray(a)
+def to_host(a: _Array) -> _np.ndarray:
+    """``a`` as a NumPy array (a backend array copied back from the GPU; a NumPy array as it is)."""
+    return a.get() if _backend.active.name == "cuda" and not isinstance(a, _np.ndarray) else _np.asarray(a)

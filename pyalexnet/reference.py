@@ -168,6 +168,45 @@ def maxpool_backward(dy, x, y=None, size=3, stride=2):
     return dx
 
 
+# ---- adaptive average pooling (PyTorch's AdaptiveAvgPool2d) -------------------------------------------------------
+# Output cell i averages input rows floor(i H / OH) .. ceil((i + 1) H / OH) - 1, columns likewise. The windows may
+# overlap, and when H < OH several cells average the same rows.
+
+
+def _adaptive_windows(size: int, out: int) -> list[slice]:
+    if size < 1 or out < 1:
+        raise ValueError(f"adaptive pooling needs sizes >= 1, got input {size} and output {out}")
+    return [slice(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def _output_pair(output_size) -> tuple[int, int]:
+    return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+
+def adaptive_avgpool_forward(x, output_size=(6, 6)):
+    x = _f64(x)
+    oh, ow = _output_pair(output_size)
+    rows, cols = _adaptive_windows(x.shape[2], oh), _adaptive_windows(x.shape[3], ow)
+    y = np.empty(x.shape[:2] + (oh, ow))
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            y[:, :, i, j] = x[:, :, r, c].mean(axis=(2, 3))
+    return y
+
+
+def adaptive_avgpool_backward(dy, x):
+    """Each cell's gradient, divided by its window's size, goes to every element of its window."""
+    dy, x = _f64(dy), _f64(x)
+    oh, ow = dy.shape[2:]
+    rows, cols = _adaptive_windows(x.shape[2], oh), _adaptive_windows(x.shape[3], ow)
+    dx = np.zeros_like(x)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            count = (r.stop - r.start) * (c.stop - c.start)
+            dx[:, :, r, c] += dy[:, :, i, j][:, :, None, None] / count
+    return dx
+
+
 # ---- fully connected --------------------------------------------------------------------------------------------
 def linear_forward(x, w, b=None):
     y = _f64(x) @ _f64(w).T
@@ -267,6 +306,8 @@ def network_forward(specs, params, x, masks=None):
             a = lrn_forward(a, **_LRN)
         elif kind == "pool":
             a = maxpool_forward(a, 3, 2)
+        elif kind == "avgpool":  # ("avgpool", out height, out width): torchvision's AdaptiveAvgPool2d
+            a = adaptive_avgpool_forward(a, spec[1:])
         elif kind == "flatten":
             a = a.reshape(a.shape[0], -1)
         elif kind == "dropout":
@@ -292,6 +333,8 @@ def network_backward(specs, params, acts, dlogits, masks=None):
             g = lrn_backward(g, a_in, a_out, **_LRN)
         elif kind == "pool":
             g = maxpool_backward(g, a_in, a_out, 3, 2)
+        elif kind == "avgpool":
+            g = adaptive_avgpool_backward(g, a_in)
         elif kind == "flatten":
             g = g.reshape(a_in.shape)
         elif kind == "dropout":

@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every output starts as NaN, so an element a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(pa.ops, "poison_outputs", True)
+    monkeypatch.setattr(pa.ops, "_poison_outputs", True)
 
 
 @pytest.fixture

@@ -164,3 +164,140 @@ def test_sgd_with_torch_matches_five_steps(torch, rng):
         opt.step()
         pa.ops.sgd_update(w, pa.asarray(g), v, 0.01, 0.9, 5e-4)
     assert rel_err(w, tw.detach().numpy()) < TOL
+
+
+# ---- augment_batch's per-channel scale ------------------------------------------------------------------------------
+def _augment_replay(images, mean, params, shift, crop, scale):
+    """kernels/augment.cu in NumPy (float64), with one scale per channel."""
+    out = np.empty((len(images), 3, crop, crop))
+    for b, (oy, ox, flip) in enumerate(params):
+        patch = images[b, oy:oy + crop, ox:ox + crop].astype(np.float64) - mean[oy:oy + crop, ox:ox + crop]
+        if flip:
+            patch = patch[:, ::-1]
+        out[b] = (patch + shift[b]).transpose(2, 0, 1) * np.asarray(scale, np.float64)[:, None, None]
+    return out
+
+
+def _augment_inputs(rng, batch, size, crop):
+    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    mean = (rng.random((size, size, 3)) * 255).astype(np.float32)
+    params = np.stack([rng.integers(0, size - crop + 1, batch), rng.integers(0, size - crop + 1, batch),
+                       rng.integers(0, 2, batch)], axis=1).astype(np.int32)
+    shift = rng.normal(0, 5, (batch, 3)).astype(np.float32)
+    return images, mean, params, shift
+
+
+@pytest.mark.parametrize("batch,size,crop,scale", [(1, 9, 9, (1.0, 0.5, 2.0)), (3, 20, 13, [0.25, -1.0, 1 / 64]),
+                                                   (4, 11, 6, np.array([0.1, 0.2, 0.3]))])
+def test_augment_per_channel_scale(rng, batch, size, crop, scale):
+    images, mean, params, shift = _augment_inputs(rng, batch, size, crop)
+    out = pa.ops.augment_batch(pa.asarray(images), pa.asarray(mean), params, shift, crop, scale)
+    assert rel_err(out, _augment_replay(images, mean, params, shift, crop, scale)) < 1e-6
+
+
+def test_augment_torchvision_normalisation(rng):
+    # (x / 255 - m_c) / s_c as (x - 255 m_c) * 1 / (255 s_c), with torchvision's ImageNet constants.
+    m, s = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    images, _, params, _ = _augment_inputs(rng, 2, 12, 8)
+    mean = np.broadcast_to(255 * m, (12, 12, 3)).astype(np.float32)
+    out = pa.ops.augment_batch(pa.asarray(images), pa.asarray(mean), params, np.zeros((2, 3), np.float32), 8,
+                               tuple(1 / (255 * s)))
+    expected = np.empty((2, 3, 8, 8))
+    for b, (oy, ox, flip) in enumerate(params):
+        patch = images[b, oy:oy + 8, ox:ox + 8] / 255.0
+        if flip:
+            patch = patch[:, ::-1]
+        expected[b] = ((patch - m) / s).transpose(2, 0, 1)
+    assert rel_err(out, expected) < 1e-6
+
+
+def test_augment_scalar_scale_equals_three_equal_scales(rng):
+    images, mean, params, shift = _augment_inputs(rng, 2, 10, 7)
+    args = (pa.asarray(images), pa.asarray(mean), params, shift, 7)
+    np.testing.assert_array_equal(pa.to_numpy(pa.ops.augment_batch(*args, 0.5)),
+                                  pa.to_numpy(pa.ops.augment_batch(*args, (0.5, 0.5, 0.5))))
+
+
+@pytest.mark.parametrize("scale,error,match", [((1.0, 2.0), ValueError, "3 numbers"), ([1.0] * 4, ValueError, "3 numbers"),
+                                               ((1.0, float("nan"), 1.0), ValueError, "finite"),
+                                               ((1.0, 1e300, 1.0), ValueError, "finite"), (float("inf"), ValueError, "finite"),
+                                               ("abc", TypeError, "scale"), ((1.0, "x", 1.0), TypeError, r"scale\[1\]"),
+                                               (None, TypeError, "scale")])
+def test_augment_bad_scale(rng, scale, error, match):
+    images, mean, params, shift = _augment_inputs(rng, 1, 6, 4)
+    with pytest.raises(error, match=match):
+        pa.ops.augment_batch(pa.asarray(images), pa.asarray(mean), params, shift, 4, scale)
+
+
+@pytest.mark.emu  # host arrays straight into the module
+@pytest.mark.parametrize("scale,error", [((1.0, 2.0), ValueError), ("abc", TypeError), ((1.0, None, 2.0), TypeError),
+                                         (float("nan"), ValueError), ((1.0, 1e300, 1.0), ValueError)])
+def test_augment_binding_checks_scale(rng, scale, error):
+    images, mean, params, shift = _augment_inputs(rng, 1, 6, 4)
+    out = np.empty((1, 3, 4, 4), np.float32)
+    with pytest.raises(error, match="scale"):
+        pa._backend.active.module.augment_batch(images, mean, params, shift, out, scale)
+
+
+# ---- __cuda_array_interface__ v3 streams (cuda only) -----------------------------------------------------------------
+class _WithStream:
+    """An array's CUDA interface with its "stream" entry replaced."""
+
+    def __init__(self, a, stream):
+        self.__cuda_array_interface__ = {**a.__cuda_array_interface__, "version": 3, "stream": stream}
+
+
+def _spin_then_fill():
+    """A CuPy kernel that busy-waits on the GPU, then writes x[i] = i + 1: a producer that is surely still
+    running when the host launches the consumer."""
+    import cupy as cp
+
+    return cp.RawKernel(r"""
+    extern "C" __global__ void spin_then_fill(float* x, int n, long long cycles) {
+        const long long start = clock64();
+        while (clock64() - start < cycles) {}
+        for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = 1.0f + i;
+    }""", "spin_then_fill")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("producer_kind", ["stream", "legacy default"])
+def test_kernels_wait_for_the_producers_stream(producer_kind):
+    import cupy as cp
+
+    n = 4096
+    x, y = cp.zeros(n, cp.float32), cp.full(n, -1.0, cp.float32)
+    cp.cuda.Device().synchronize()
+    producer = cp.cuda.Stream(non_blocking=True) if producer_kind == "stream" else cp.cuda.Stream.null
+    consumer = cp.cuda.Stream(non_blocking=True)  # never implicitly ordered after either producer
+    with producer:  # x's interface now names the producer's stream (1 for the legacy default one)
+        _spin_then_fill()((1,), (256,), (x, cp.int32(n), cp.int64(500_000_000)))  # a few hundred ms
+        assert x.__cuda_array_interface__["stream"] == (producer.ptr or 1)
+        pa._backend.active.module.relu_forward(x, y, stream=consumer.ptr)
+    consumer.synchronize()  # only ours: if our stream had not waited, y would hold relu(0) = 0
+    np.testing.assert_array_equal(y.get(), np.arange(1, n + 1, dtype=np.float32))
+    producer.synchronize()
+
+
+@pytest.mark.gpu
+def test_same_stream_and_no_stream_need_no_wait():
+    import cupy as cp
+
+    x = cp.asarray(np.arange(-3, 5, dtype=np.float32))
+    for stream in (None, 1):
+        y = cp.empty_like(x)
+        pa._backend.active.module.relu_forward(_WithStream(x, stream), y, stream=0)
+        cp.cuda.Stream.null.synchronize()
+        np.testing.assert_array_equal(y.get(), np.maximum(np.arange(-3, 5), 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stream,error,match", [(0, ValueError, "stream is 0, which the protocol disallows"),
+                                                ("1", TypeError, "stream must be an int or None"),
+                                                (-5, ValueError, "is not a stream handle")])
+def test_bad_interface_streams(stream, error, match):
+    import cupy as cp
+
+    x = cp.zeros(8, cp.float32)
+    with pytest.raises(error, match=match):
+        pa._backend.active.module.relu_forward(_WithStream(x, stream), cp.empty_like(x))

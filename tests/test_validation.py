@@ -222,3 +222,35 @@ def test_sizes_beyond_32_bit_indexing_are_refused_before_any_allocation():
     x, w, y = fake((2**31, 1), 1 << 44), fake((1, 1), 1 << 45), fake((2**31, 1), 1 << 46)
     with pytest.raises(ValueError, match=r"x's element count = 2147483648 exceeds"):
         mod.linear_forward(x, w, None, y)
+
+
+# ---- the functional API's namespace ---------------------------------------------------------------------------------
+# DESIGN.md section 5's pa.ops functions, plus adaptive average pooling, the mask and augmentation helpers, to_host.
+OPS_API = sorted([
+    "adaptive_avgpool_backward", "adaptive_avgpool_forward", "augment_batch", "conv2d_backward", "conv2d_forward",
+    "dropout_backward", "dropout_forward", "dropout_keep", "linear_backward", "linear_forward", "lrn_backward",
+    "lrn_forward", "maxpool_backward", "maxpool_forward", "relu_backward", "relu_forward", "sgd_update",
+    "softmax_cross_entropy", "to_host",
+])
+
+
+def test_ops_namespace_is_the_api():
+    assert sorted(n for n in dir(pa.ops) if not n.startswith("_")) == OPS_API
+    assert sorted(pa.ops.__all__) == OPS_API
+    namespace = {}
+    exec("from pyalexnet.ops import *", namespace)
+    assert sorted(n for n in namespace if n != "__builtins__") == OPS_API
+
+
+@pytest.mark.parametrize("name", OPS_API)
+def test_ops_are_annotated_and_documented(name):
+    import inspect
+    import typing
+
+    f = getattr(pa.ops, name)
+    assert f.__doc__
+    signature = inspect.signature(f)
+    assert signature.return_annotation is not inspect.Signature.empty, f"{name}: no return annotation"
+    for p in signature.parameters.values():
+        assert p.annotation is not inspect.Parameter.empty, f"{name}: parameter {p.name} has no annotation"
+    typing.get_type_hints(f)  # every annotation resolves (on every supported Python)
