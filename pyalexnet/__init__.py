@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import _backend, ops, reference
 from .checkpoint import Checkpoint, load, save
-from .model import AlexNet
+from .model import AlexNet, IncompatibleKeys
 from .optim import SGD, Constant, Plateau, StepDecay
 
 __version__ = "0.1.0"
@@ -27,7 +29,7 @@ def backend_name() -> str:
     return _backend.active.name
 
 
-def asarray(a):
+def asarray(a: Any) -> Any:
     """``a`` on the active backend (a NumPy array on emu, a CuPy array on cuda), C-contiguous, same dtype.
 
     Copies only when it must: across devices, or to make a strided array contiguous.
@@ -38,7 +40,7 @@ def asarray(a):
     return np.ascontiguousarray(to_numpy(a))
 
 
-def to_numpy(a) -> np.ndarray:
+def to_numpy(a: Any) -> np.ndarray:
     """``a`` as a NumPy array on the host (a CuPy array or a PyTorch tensor is copied back)."""
     if isinstance(a, np.ndarray):
         return a
@@ -54,5 +56,5 @@ def synchronize() -> None:
     _backend.active.module.synchronize()
 
 
-__all__ = ["SGD", "AlexNet", "Checkpoint", "Constant", "KernelError", "Plateau", "StepDecay", "asarray",
-           "backend_name", "load", "ops", "reference", "save", "synchronize", "to_numpy"]
+__all__ = ["SGD", "AlexNet", "Checkpoint", "Constant", "IncompatibleKeys", "KernelError", "Plateau", "StepDecay",
+           "asarray", "backend_name", "load", "ops", "reference", "save", "synchronize", "to_numpy"]

@@ -46,7 +46,12 @@ def _load_cuda():
     return Backend("cuda", _cuda, cupy), None
 
 
+cuda_unavailable: str | None = None
+"""Why the cuda backend is not in use (None when it is)."""
+
+
 def _select() -> Backend:
+    global cuda_unavailable
     forced = os.environ.get("PYALEXNET_BACKEND", "").strip().lower()
     if forced not in ("", "cuda", "emu"):
         raise ValueError(f"PYALEXNET_BACKEND must be 'cuda' or 'emu', got {forced!r}")
@@ -54,8 +59,11 @@ def _select() -> Backend:
         backend, why = _load_cuda()
         if backend is not None:
             return backend
+        cuda_unavailable = why
         if forced == "cuda":
             raise RuntimeError(f"PYALEXNET_BACKEND=cuda, but {why}")
+    else:
+        cuda_unavailable = "PYALEXNET_BACKEND=emu chose the emulator"
     try:
         from . import _emu
     except ImportError as e:

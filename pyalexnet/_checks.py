@@ -69,7 +69,10 @@ def array(a, name: str, *, dtype=np.float32, ndim: int | None = None):
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
     if a.dtype not in [np.dtype(d) for d in dtypes]:
         expected = " or ".join(np.dtype(d).name for d in dtypes)
-        raise DTypeError(f"{name}: expected dtype {expected}, got {a.dtype}")
+        how = ""
+        if len(dtypes) == 1 and np.dtype(dtypes[0]) == np.float32:
+            how = f"; convert with {name}.astype(np.float32) (a PyTorch tensor: .float()): pyalexnet never casts silently"
+        raise DTypeError(f"{name}: expected dtype {expected}, got {a.dtype}{how}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(a.shape)}")
     if not getattr(a.flags, "aligned", True):  # NumPy can view a buffer at any byte offset; a GPU cannot load that

@@ -3,8 +3,8 @@
 The network is a list of layer specs (plain data, below). ``forward`` runs them in order and keeps every
 activation that ``backward`` needs; ``backward`` walks them in reverse and overwrites the gradients. All
 activations, gradients and dropout masks live in a workspace allocated on the first step for a batch size and
-reused by every later step, so a training step allocates nothing after the first: the logits ``forward``
-returns, and everything else in the workspace, are overwritten by the next call (copy what you keep).
+reused by every later step, so a training step allocates nothing after the first but the logits ``forward``
+returns: a copy (batch x classes floats) that belongs to the caller.
 
 Dropout draws from our counter-based generator, keyed per call: the j-th dropout layer of the t-th training
 forward uses the first 8 bytes of BLAKE2b("net seed:t:j") as its key. ``t`` (``dropout_calls``) is part of a
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from .architecture import CONV_LAYERS
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 POOL = dict(size=3, stride=2)
 DROPOUT_P = 0.5
+AVGPOOL = (6, 6)  # the torchvision variant's adaptive average pool: its output size
 
 # State-dict names. torchvision's are those of torchvision.models.alexnet(); the paper variant names its layers
 # as the paper does (conv1..conv5, fc6..fc8), each with .weight and .bias.
@@ -49,17 +52,19 @@ trace = None
 
 def layer_labels(specs) -> list[str]:
     """A short name per spec, numbered after the weighted layer it follows: conv1, relu1, lrn1, pool1, ..., fc6,
-    relu6, dropout7 (the dropout before fc7 in torchvision's placement is numbered after fc7), fc8."""
-    labels, index = [], 0
+    relu6, fc8; a dropout after the FC layer it belongs to, wherever the variant places it: dropout6 is on fc6's
+    output in the paper variant, on its input in torchvision's."""
+    labels, index, dropouts = [], 0, 0
     weighted = [i for i, s in enumerate(specs) if s[0] in ("conv", "linear")]
     for i, spec in enumerate(specs):
         kind = spec[0]
         if kind in ("conv", "linear"):
             index += 1
             labels.append(("conv" if kind == "conv" else "fc") + str(index))
-        elif kind == "dropout":
-            following = next(j for j in weighted if j > i)  # dropout feeds the next FC layer
-            labels.append(f"dropout{weighted.index(following) + 1}")
+        elif kind == "dropout":  # the j-th dropout belongs to the j-th FC layer, on its input or its output
+            first_fc = next(n for n, j in enumerate(weighted) if specs[j][0] == "linear") + 1
+            labels.append(f"dropout{first_fc + dropouts}")
+            dropouts += 1
         else:
             labels.append(f"{kind}{index}")
     return labels
@@ -67,7 +72,8 @@ def layer_labels(specs) -> list[str]:
 
 def layer_specs(variant: str, num_classes: int = 1000, width: float = 1.0) -> list[tuple]:
     """The network as data: ("conv", name, out, kernel, stride, padding, groups, bias init), ("relu",), ("lrn",),
-    ("pool",), ("flatten",), ("dropout",), ("linear", name, out, bias init). `width` scales every hidden layer's
+    ("pool",), ("avgpool", out height, out width) (torchvision only), ("flatten",), ("dropout",), ("linear", name,
+    out, bias init). `width` scales every hidden layer's
     channels and units (1.0 is AlexNet; smaller widths make the small networks the tests use)."""
     if variant not in CONV_LAYERS:
         raise ValueError(f"variant: expected 'paper' or 'torchvision', got {variant!r}")
@@ -86,11 +92,23 @@ def layer_specs(variant: str, num_classes: int = 1000, width: float = 1.0) -> li
             specs.append(("lrn",))
         if i in (0, 1, 4):
             specs.append(("pool",))
+    if variant == "torchvision":
+        specs.append(("avgpool", *AVGPOOL))  # torchvision's AdaptiveAvgPool2d((6, 6)): any input >= 63 x 63
     specs.append(("flatten",))
     for i, units in ((5, scaled(4096)), (6, scaled(4096))):
-        specs += [("dropout",), ("linear", names[i], units, 1.0), ("relu",)]
+        if variant == "paper":  # section 4.2: dropout on the outputs of the first two FC layers
+            specs += [("linear", names[i], units, 1.0), ("relu",), ("dropout",)]
+        else:  # torchvision: on their inputs
+            specs += [("dropout",), ("linear", names[i], units, 1.0), ("relu",)]
     specs.append(("linear", names[7], num_classes, 0.0))
     return specs
+
+
+class IncompatibleKeys(NamedTuple):
+    """What load_state_dict(strict=False) did not load (PyTorch's name and fields)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 class AlexNet:
@@ -116,6 +134,7 @@ class AlexNet:
         self.input_size = check.positive_int(default_size if input_size is None else input_size, "input_size")
         self.shapes = self._infer_shapes()  # each layer's input shape, one image; the last entry is the output
         self.dropout_calls = 0
+        self.training = True  # PyTorch's default: forward() without train= drops out until eval()
         self._params = self._initial_parameters()
         xp = _backend.active.xp
         self._grads = {k: xp.zeros_like(v) for k, v in self._params.items()}
@@ -141,6 +160,8 @@ class AlexNet:
                 if h < POOL["size"] or w < POOL["size"]:
                     raise ValueError(f"input_size {self.input_size} is too small: a pooling window does not fit {h}x{w}")
                 shape = (c, (h - POOL["size"]) // POOL["stride"] + 1, (w - POOL["size"]) // POOL["stride"] + 1)
+            elif kind == "avgpool":
+                shape = (shape[0], spec[1], spec[2])
             elif kind == "flatten":
                 shape = (math.prod(shape),)
             elif kind == "linear":
@@ -173,39 +194,95 @@ class AlexNet:
         xp = _backend.active.xp
         return {k: xp.asarray(v) for k, v in params.items()}
 
+    # ---- PyTorch's habits -------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "AlexNet":
+        """Training mode (dropout on) for calls of forward() without `train=`; returns the network."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode: expected True or False, got {mode!r}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "AlexNet":
+        """Evaluation mode (dropout off), as train(False); returns the network."""
+        return self.train(False)
+
+    def __call__(self, x, train: bool | None = None):
+        """net(x) is net.forward(x)."""
+        return self.forward(x, train)
+
+    def __repr__(self) -> str:
+        lines = [f"AlexNet(variant={self.variant!r}, num_classes={self.num_classes}, width={self.width:g}, "
+                 f"input_size={self.input_size}, init={self.init!r}, seed={self.seed}, "
+                 f"mode={'train' if self.training else 'eval'}, backend={_backend.active.name!r}, "
+                 f"parameters={self.num_parameters():,})"]
+        for label, spec, shape in zip(self.labels, self.specs, self.shapes[1:]):
+            kind = spec[0]
+            if kind == "conv":
+                _, name, out, kernel, stride, padding, groups, _ = spec
+                what = f"{name}: {kernel}x{kernel}, stride {stride}, padding {padding}" + \
+                    (f", groups {groups}" if groups > 1 else "")
+            elif kind == "linear":
+                what = f"{spec[1]}: linear"
+            elif kind == "lrn":
+                what = "local response norm: size {size}, alpha {alpha:g}, beta {beta:g}, k {k:g}".format(**LRN)
+            elif kind == "pool":
+                what = f"max pool {POOL['size']}x{POOL['size']}, stride {POOL['stride']}"
+            elif kind == "avgpool":
+                what = f"adaptive average pool to {spec[1]}x{spec[2]}"
+            elif kind == "dropout":
+                what = f"dropout p={DROPOUT_P}"
+            else:
+                what = kind
+            lines.append(f"  ({label}) {what} -> {' x '.join(map(str, shape))}")
+        return "\n".join(lines)
+
+    def num_parameters(self) -> int:
+        """The number of weights and biases."""
+        return sum(math.prod(v.shape) for v in self._params.values())
+
     # ---- the parameters ---------------------------------------------------------------------------------------
-    def parameters(self) -> dict:
+    def parameters(self) -> dict[str, Any]:
         """name -> weight array, on the backend, in layer order. Updating them in place updates the network."""
         return dict(self._params)
 
-    def gradients(self) -> dict:
+    def gradients(self) -> dict[str, Any]:
         """name -> gradient of the last backward(), same keys and shapes as parameters()."""
         return dict(self._grads)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """name -> a host NumPy copy of each parameter (torchvision's names for the torchvision variant; conv1 ...
         fc8 for the paper variant)."""
         return {k: _to_host(v).copy() for k, v in self._params.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Copies every parameter from `state` (NumPy arrays, or anything pyalexnet.to_numpy reads, e.g. the
-        tensors of torchvision's state_dict()). Keys and shapes must match exactly; values become float32."""
+    def load_state_dict(self, state: Mapping, strict: bool = True) -> IncompatibleKeys:
+        """Copies parameters from `state` (NumPy arrays, or anything pyalexnet.to_numpy reads, e.g. the tensors of
+        torchvision's state_dict()). Values must be float32, like every array pyalexnet takes (convert float64
+        with .astype(np.float32), a tensor with .float()); shapes must match. strict (PyTorch's rule): the keys must
+        match exactly; strict=False copies the keys both have and reports the others. Returns (missing_keys,
+        unexpected_keys). Nothing is copied unless every entry to be copied is valid."""
         from . import to_numpy
 
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping of names to arrays, got {type(state).__name__}")
         missing = [k for k in self._params if k not in state]
         unexpected = [k for k in state if k not in self._params]
-        if missing or unexpected:
-            raise ValueError(f"state: missing keys {missing}, unexpected keys {unexpected}")
+        if strict and (missing or unexpected):
+            raise ValueError(f"state: missing keys {missing}, unexpected keys {unexpected} (strict=False loads the "
+                             "keys both have)")
         host = {}
         for k, p in self._params.items():
+            if k not in state:
+                continue
             v = np.asarray(to_numpy(state[k]))
+            if v.dtype != np.float32:
+                raise check.DTypeError(f"state[{k!r}]: expected float32 values, got {v.dtype}; convert with "
+                                       ".astype(np.float32) (a PyTorch tensor: .float())")
             if v.shape != tuple(p.shape):
                 raise ValueError(f"state[{k!r}]: expected shape {tuple(p.shape)}, got {v.shape}")
-            if not np.issubdtype(v.dtype, np.floating):
-                raise TypeError(f"state[{k!r}]: expected floating-point values, got {v.dtype}")
-            host[k] = np.ascontiguousarray(v, dtype=np.float32)
+            host[k] = np.ascontiguousarray(v)
         for k, v in host.items():  # only once every entry has been checked
             self._params[k][...] = _backend.active.xp.asarray(v)
+        return IncompatibleKeys(missing, unexpected)
 
     # ---- forward and backward --------------------------------------------------------------------------------
     def _workspace(self, batch):
@@ -229,11 +306,13 @@ class AlexNet:
         self._workspaces[batch] = ws
         return ws
 
-    def forward(self, x, train: bool = True):
-        """Logits (batch, num_classes) for images x (batch, 3, S, S), S = input_size. Dropout only when `train`.
-
-        The logits are the workspace's: the next forward overwrites them.
-        """
+    def forward(self, x, train: bool | None = None):
+        """Logits (batch, num_classes) for images x (batch, 3, S, S), S = input_size: a new array, the caller's.
+        Dropout only when training: `train` when given, else the mode train() / eval() set (training at first)."""
+        if train is None:
+            train = self.training
+        elif not isinstance(train, (bool, np.bool_)):
+            raise TypeError(f"train: expected True, False or None, got {train!r}")
         x = check.array(x, "x", ndim=4)
         expect = (3, self.input_size, self.input_size)
         if tuple(x.shape[1:]) != expect or x.shape[0] < 1:
@@ -258,6 +337,11 @@ class AlexNet:
                 mod.lrn_forward(a, out, LRN["size"], LRN["alpha"], LRN["beta"], LRN["k"], stream=stream)
             elif kind == "pool":
                 mod.maxpool_forward(a, out, POOL["size"], POOL["stride"], stream=stream)
+            elif kind == "avgpool":
+                if tuple(a.shape[2:]) == spec[1:]:
+                    out = a  # the identity (torchvision at 224 x 224): no launch
+                else:
+                    mod.adaptive_avgpool_forward(a, out, stream=stream)
             elif kind == "flatten":
                 out = a.reshape(a.shape[0], -1)
             elif kind == "dropout":
@@ -275,9 +359,9 @@ class AlexNet:
         if train:
             self.dropout_calls += 1
             self._masks_of = ws
-        self._trained_last = train
+        self._trained_last = bool(train)
         self._ready_for_backward = True
-        return acts[-1]
+        return acts[-1].copy()  # the workspace's logits stay ours: a list of forward() results holds each batch
 
     def backward(self, dlogits) -> None:
         """Fills gradients() with d(loss)/d(parameter) given d(loss)/d(logits), for the last forward (train or
@@ -311,6 +395,11 @@ class AlexNet:
                 mod.lrn_backward(g, a_in, a_out, dx, LRN["size"], LRN["alpha"], LRN["beta"], LRN["k"], stream=stream)
             elif kind == "pool":
                 mod.maxpool_backward(g, a_in, a_out, dx, POOL["size"], POOL["stride"], stream=stream)
+            elif kind == "avgpool":
+                if a_out is a_in:
+                    dx = g
+                else:
+                    mod.adaptive_avgpool_backward(g, dx, stream=stream)
             elif kind == "flatten":
                 dx = g.reshape(a_in.shape)
             elif kind == "dropout":
@@ -330,7 +419,7 @@ class AlexNet:
         text = f"{self.seed}:{self.dropout_calls}:{layer}".encode()
         return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
-    def dropout_masks(self) -> list:
+    def dropout_masks(self) -> list[np.ndarray]:
         """The dropout masks of the last forward, which must have been a training one, as host boolean arrays
         shaped like their inputs (True = kept)."""
         from .ops import dropout_keep

@@ -187,7 +187,7 @@ def test_five_sgd_steps_match_the_reference_and_torch(variant):
 def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
     def fresh():
         net = pa.AlexNet("paper", num_classes=10, seed=4, **SMALL)
-        return net, pa.SGD(net, lr=0.02, schedule=pa.Plateau(patience=1))
+        return net, pa.SGD(net, lr=0.02, schedule=pa.Plateau(patience=0))
 
     batches = _batches(pa.AlexNet("paper", num_classes=10, **SMALL), 6, seed=9)
     net, opt = fresh()
@@ -308,7 +308,7 @@ def test_load_state_dict_checks_everything_before_copying():
 
 def test_schedules():
     net = pa.AlexNet("paper", num_classes=10, **SMALL)
-    opt = pa.SGD(net, lr=0.01, schedule=pa.Plateau(patience=1))
+    opt = pa.SGD(net, lr=0.01, schedule=pa.Plateau(patience=0))
     lrs = [opt.end_epoch(err) for err in (0.5, 0.4, 0.4, 0.4, 0.3, 0.35, 0.36, 0.37, 0.38)]
     assert lrs == pytest.approx([0.01, 0.01, 0.001, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-5])  # at most 3 reductions
     step = pa.SGD(net, lr=0.1, schedule=pa.StepDecay(every=2))
