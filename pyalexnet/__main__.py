@@ -141,13 +141,33 @@ def _add_train_args(p):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", choices=["plateau", "step", "constant"], default="plateau",
-                   help="plateau: lr / 10 when the validation error stops improving, at most 3 times (the paper)")
+                   help="plateau: lr / 10 after more than --patience epochs without a new best validation error, at "
+                        "most 3 times (the paper)")
     p.add_argument("--step-every", type=int, default=30, help="epochs between lr / 10 for --schedule step")
     p.add_argument("--width", type=float, default=1.0, help="scales every layer's channels (smaller networks)")
     p.add_argument("--crop", type=int, default=None, help="the network's input size (default 227 paper, 224 tv)")
     p.add_argument("--init", choices=["paper", "kaiming"], default="paper",
                    help="paper: N(0, 0.01) weights, biases 1/0; kaiming: He's N(0, 2/fan_in), biases 0 (short runs)")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies the mean-subtracted 0-255 input")
+    p.add_argument("--scale", type=float, default=None,
+                   help="multiplies the mean-subtracted 0-255 input (default: 1 for --init paper, 1 / the training "
+                        "pixels' standard deviation for --init kaiming)")
+    p.add_argument("--patience", type=int, default=4,
+                   help="plateau schedule: lr / 10 once more than this many epochs in a row bring no new best "
+                        "validation error (PyTorch's ReduceLROnPlateau rule; default %(default)s)")
+    p.add_argument("--threshold", type=float, default=1e-4,
+                   help="plateau schedule: a new best must beat the best by this fraction (default %(default)s)")
+    p.add_argument("--cooldown", type=int, default=0,
+                   help="plateau schedule: epochs after a reduction that are not counted (default %(default)s)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--no-pca", action="store_true", help="no PCA colour shifts")
+    p.add_argument("--no-random-crop", action="store_true", help="the centre crop instead of random crops")
+    p.add_argument("--log-loss", action="store_true", help="curves.png: the training loss on a log scale")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="no TensorBoard events in OUT/tb/ (written only when torch.utils.tensorboard or tensorboardX "
+                        "imports)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete OUT's earlier run (log.jsonl, last.npz, best.npz, curves.png, tb/) first; without it "
+                        "(or --resume) a folder holding a run is refused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and each epoch)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
@@ -162,10 +182,12 @@ def _train(args) -> int:
     r = train(args.data, args.out, variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
               momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
               step_every=args.step_every, width=args.width, crop=args.crop, init=args.init, seed=args.seed,
-              scale=args.scale,
+              scale=args.scale, patience=args.patience, threshold=args.threshold, cooldown=args.cooldown,
+              flip=not args.no_flip, pca=not args.no_pca, random_crop=not args.no_random_crop,
+              log_loss=args.log_loss, tensorboard=not args.no_tensorboard, overwrite=args.overwrite,
               checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
               max_steps=args.max_steps, progress=not args.no_progress)
-    print(f"{r['steps']} steps in {r['seconds']:.1f} s; checkpoints in {args.out}")
+    print(f"checkpoints in {args.out}")  # train() has said what this call did
     return 130 if r["stopped"] == "interrupted" else 0
 
 
@@ -174,7 +196,8 @@ def _print_eval(result) -> None:
     print(f"centre crop: top-1 error {result['top1_error']:.4f}  top-5 error {result['top5_error']:.4f}  "
           f"(accuracy {1 - result['top1_error']:.4f} / {1 - result['top5_error']:.4f})")
     if "top1_error_10crop" in result:
-        print(f"10 crops:    top-1 error {result['top1_error_10crop']:.4f}  top-5 error "
+        label = f"{len(result['views'])} crops:" if "views" in result else "10 crops:"
+        print(f"{label:<13}top-1 error {result['top1_error_10crop']:.4f}  top-5 error "
               f"{result['top5_error_10crop']:.4f}  (accuracy {1 - result['top1_error_10crop']:.4f} / "
               f"{1 - result['top5_error_10crop']:.4f})")
 
@@ -182,14 +205,14 @@ def _print_eval(result) -> None:
 def _eval(args) -> int:
     from .checkpoint import load
     from .data import Dataset
-    from .train import check_classes, evaluate
+    from .train import check_classes, eval_views, evaluate
 
     ck = load(args.weights)
     dataset = Dataset(args.data)
     check_classes(ck.extra, ck.net.num_classes, dataset, args.weights)
     scale = (ck.extra.get("train") or {}).get("scale", 1.0)
     _print_eval(evaluate(ck.net, dataset, args.split, args.batch_size, not args.no_ten_crop, scale,
-                         progress=not args.no_progress))
+                         progress=not args.no_progress, views=eval_views(ck.extra)))
     return 0
 
 
@@ -257,7 +280,7 @@ def _demo(args) -> int:
     t = time.perf_counter()
     train(root / "prepared", root / "run", epochs=args.epochs, batch_size=DEMO["batch_size"], lr=DEMO["lr"],
           schedule="plateau", width=DEMO["width"], crop=DEMO["crop"], init=DEMO["init"], seed=args.seed,
-          scale=DEMO["scale"],
+          scale=DEMO["scale"], overwrite=True,  # the demo's own folder: a rerun starts its run over
           checkpoint_every=10**9, progress=not args.no_progress)
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -181,9 +181,9 @@ def _per_layer(cp, torch, variant, batch, time_ms, compare, peaks):
     rows = []
     for i, spec in enumerate(net.specs):
         kind = spec[0]
-        if kind == "flatten":
-            continue
         a, out, dx = ws["acts"][i], ws["acts"][i + 1], ws["grads"][i]
+        if kind == "flatten" or out is a:  # a view, or the adaptive pool at 224 x 224 (the identity, no launch)
+            continue
         g = cp.ones_like(out)
         if kind == "conv":
             _, name, _, _, s_, p_, groups, _ = spec
@@ -207,6 +207,9 @@ def _per_layer(cp, torch, variant, batch, time_ms, compare, peaks):
         elif kind == "pool":
             fwd = lambda: mod.maxpool_forward(a, out, 3, 2, stream=stream())  # noqa: E731
             bwd = lambda: mod.maxpool_backward(g, a, out, dx, 3, 2, stream=stream())  # noqa: E731
+        elif kind == "avgpool":
+            fwd = lambda: mod.adaptive_avgpool_forward(a, out, stream=stream())  # noqa: E731
+            bwd = lambda: mod.adaptive_avgpool_backward(g, dx, stream=stream())  # noqa: E731
         else:  # dropout
             mask = ws["masks"][i]
             fwd = lambda: mod.dropout_forward(a, out, mask, 0.5, 1, stream=stream())  # noqa: E731
