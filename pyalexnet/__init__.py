@@ -14,14 +14,19 @@ from typing import Any
 import numpy as np
 
 from . import _backend, ops, reference
-from .checkpoint import Checkpoint, load, save
+from .checkpoint import Checkpoint, Preprocess, load, save
 from .model import AlexNet, IncompatibleKeys
 from .optim import SGD, Constant, Plateau, StepDecay
 
 __version__ = "0.1.0"
 
-KernelError = _backend.active.module.KernelError
-"""Raised when a launch fails or the emulator finds a fault; the message names the kernel and the place."""
+
+def __getattr__(name: str) -> Any:
+    # KernelError is the backend module's exception class; the backend is chosen at first use (_backend), so
+    # that `pyalexnet --help` works whatever PYALEXNET_BACKEND says.
+    if name == "KernelError":  # raised when a launch fails or the emulator finds a fault, naming kernel and place
+        return _backend.active.module.KernelError
+    raise AttributeError(f"module 'pyalexnet' has no attribute {name!r}")
 
 
 def backend_name() -> str:
@@ -56,5 +61,6 @@ def synchronize() -> None:
     _backend.active.module.synchronize()
 
 
-__all__ = ["SGD", "AlexNet", "Checkpoint", "Constant", "IncompatibleKeys", "KernelError", "Plateau", "StepDecay",
+__all__ = ["SGD", "AlexNet", "Checkpoint", "Constant", "IncompatibleKeys", "KernelError", "Plateau", "Preprocess",
+           "StepDecay",
            "asarray", "backend_name", "load", "ops", "reference", "save", "synchronize", "to_numpy"]

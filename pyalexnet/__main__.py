@@ -7,14 +7,13 @@
     pyalexnet prepare SRC OUT   the paper's preprocessing into shards, the mean image and the colour PCA
     pyalexnet train --data DIR  training as in the paper (pyalexnet/train.py)
     pyalexnet eval --data DIR --weights CKPT     top-1 and top-5 error, centre crop and 10-crop
-    pyalexnet predict IMG... --weights CKPT      the top-5 classes of each image
-    pyalexnet show-filters --weights CKPT -o F   the first layer's kernels as an image (the paper's Figure 3)
+    pyalexnet predict IMG... --weights CKPT      the top-5 classes of each image, from the checkpoint alone
+    pyalexnet show-filters --weights CKPT -o F   the first layer's kernels, labelled (the paper's Figure 3)
     pyalexnet demo DIR      demo-data, prepare, train and eval of a small network, end to end
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,15 +22,17 @@ import numpy as np
 
 import pyalexnet as pa
 from pyalexnet import reference as R
+from pyalexnet._cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Parser, integer, number
 
 
 def info() -> int:
-    be = pa._backend.active
+    be = pa._backend.active  # a forced backend that cannot run raises here: main prints it as one line
     print(f"pyalexnet {pa.__version__}")
     print(f"backend:  {be.name}")
     if be.name == "emu":
         print(f"emulator: {be.module.worker_count()} worker threads, fibers switched with {be.module.fiber_switch}")
-        print("          (no usable CUDA device: the kernels run on the CPU emulator, for correctness, not speed)")
+        print("          (the kernels run on the CPU emulator, for correctness, not speed)")
+        print(f"cuda:     not in use: {pa._backend.cuda_unavailable}")
     else:
         dev = be.xp.cuda.Device()
         props = be.xp.cuda.runtime.getDeviceProperties(dev.id)
@@ -133,31 +134,35 @@ DEMO = {"size": 80, "crop": 67, "width": 0.25, "batch_size": 32, "epochs": 8, "l
 
 def _add_train_args(p):
     p.add_argument("--data", required=True, help="a folder written by 'pyalexnet prepare'")
-    p.add_argument("--out", default="runs/alexnet", help="checkpoints, log.jsonl and curves.png (default: %(default)s)")
-    p.add_argument("--variant", choices=["paper", "torchvision"], default="paper")
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--out", default="runs/alexnet", help="checkpoints, log.jsonl and curves.png")
+    p.add_argument("--variant", choices=["paper", "torchvision"], default="paper",
+                   help="paper: the 2012 network (LRN, two groups, dropout on fc6/fc7 outputs); torchvision: "
+                        "torchvision's one-tower AlexNet")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=90, help="passes over the training set")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per SGD step")
+    p.add_argument("--lr", type=POSITIVE, default=0.01, help="the initial learning rate")
+    p.add_argument("--momentum", type=number(0.0, 1.0, high_open=True), default=0.9, help="SGD momentum, in [0, 1)")
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=5e-4, help="L2 penalty on the weights")
     p.add_argument("--schedule", choices=["plateau", "step", "constant"], default="plateau",
                    help="plateau: lr / 10 after more than --patience epochs without a new best validation error, at "
-                        "most 3 times (the paper)")
-    p.add_argument("--step-every", type=int, default=30, help="epochs between lr / 10 for --schedule step")
-    p.add_argument("--width", type=float, default=1.0, help="scales every layer's channels (smaller networks)")
-    p.add_argument("--crop", type=int, default=None, help="the network's input size (default 227 paper, 224 tv)")
+                        "most 3 times (the paper); step: lr / 10 every --step-every epochs; constant")
+    p.add_argument("--step-every", type=POSITIVE_INT, default=30, help="epochs between lr / 10 for --schedule step")
+    p.add_argument("--width", type=POSITIVE, default=1.0, help="scales every layer's channels (smaller networks)")
+    p.add_argument("--crop", type=POSITIVE_INT, default=None,
+                   help="the network's input size (default: 227 for paper, 224 for torchvision)")
     p.add_argument("--init", choices=["paper", "kaiming"], default="paper",
-                   help="paper: N(0, 0.01) weights, biases 1/0; kaiming: He's N(0, 2/fan_in), biases 0 (short runs)")
-    p.add_argument("--scale", type=float, default=None,
-                   help="multiplies the mean-subtracted 0-255 input (default: 1 for --init paper, 1 / the training "
-                        "pixels' standard deviation for --init kaiming)")
-    p.add_argument("--patience", type=int, default=4,
+                   help="paper: N(0, 0.01) weights, biases 1/0; kaiming: He's N(0, 2/fan_in), the last layer "
+                        "N(0, 0.01), biases 0 (short runs)")
+    p.add_argument("--scale", type=POSITIVE, default=None,
+                   help="multiplies the mean-subtracted 0-255 input (default: 1 for --init paper, 1 / (2 x the "
+                        "training pixels' standard deviation) for --init kaiming)")
+    p.add_argument("--patience", type=NONNEGATIVE_INT, default=4,
                    help="plateau schedule: lr / 10 once more than this many epochs in a row bring no new best "
-                        "validation error (PyTorch's ReduceLROnPlateau rule; default %(default)s)")
-    p.add_argument("--threshold", type=float, default=1e-4,
-                   help="plateau schedule: a new best must beat the best by this fraction (default %(default)s)")
-    p.add_argument("--cooldown", type=int, default=0,
-                   help="plateau schedule: epochs after a reduction that are not counted (default %(default)s)")
+                        "validation error (PyTorch's ReduceLROnPlateau rule)")
+    p.add_argument("--threshold", type=NONNEGATIVE, default=1e-4,
+                   help="plateau schedule: a new best must beat the best by this fraction")
+    p.add_argument("--cooldown", type=NONNEGATIVE_INT, default=0,
+                   help="plateau schedule: epochs after a reduction that are not counted")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--no-pca", action="store_true", help="no PCA colour shifts")
     p.add_argument("--no-random-crop", action="store_true", help="the centre crop instead of random crops")
@@ -168,11 +173,13 @@ def _add_train_args(p):
     p.add_argument("--overwrite", action="store_true",
                    help="delete OUT's earlier run (log.jsonl, last.npz, best.npz, curves.png, tb/) first; without it "
                         "(or --resume) a folder holding a run is refused")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and each epoch)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p.add_argument("--resume", default=None, help="a checkpoint written by train (e.g. OUT/last.npz)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop, with a checkpoint, after this many steps")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0, help="the initial weights, batches and dropout")
+    p.add_argument("--checkpoint-every", type=POSITIVE_INT, default=1000,
+                   help="steps between checkpoints (OUT/last.npz; also at each epoch's end)")
+    p.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
+    p.add_argument("--resume", default=None, help="continue the run of this checkpoint (e.g. OUT/last.npz)")
+    p.add_argument("--max-steps", type=POSITIVE_INT, default=None,
+                   help="stop, with a checkpoint, after this many steps of this call (default: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -210,6 +217,10 @@ def _eval(args) -> int:
     ck = load(args.weights)
     dataset = Dataset(args.data)
     check_classes(ck.extra, ck.net.num_classes, dataset, args.weights)
+    if ck.net.input_size > dataset.size:  # the crop is the checkpoint's: no flag of eval sets it
+        raise ValueError(f"{args.weights}: the network takes {ck.net.input_size} x {ck.net.input_size} crops, larger "
+                         f"than {args.data}'s {dataset.size} x {dataset.size} images; prepare the images with "
+                         f"--size >= {ck.net.input_size}")
     scale = (ck.extra.get("train") or {}).get("scale", 1.0)
     _print_eval(evaluate(ck.net, dataset, args.split, args.batch_size, not args.no_ten_crop, scale,
                          progress=not args.no_progress, views=eval_views(ck.extra)))
@@ -217,19 +228,27 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    from .train import predict
+    from .infer import predict
 
-    for path, top in predict(args.images, args.weights, args.data, args.top, args.ten_crop):
-        print(path)
-        for name, p in top:
+    def show(r):
+        if r.error is not None:
+            print(f"pyalexnet predict: skipped {r.error}", file=sys.stderr)
+            return
+        print(r.path)
+        for name, p in r.top:
             print(f"  {p:7.4f}  {name}")
-    return 0
+
+    results = predict(args.images, args.weights, args.top, args.ten_crop, args.batch_size, args.data, on_result=show)
+    skipped = sum(r.error is not None for r in results)
+    if skipped:
+        print(f"pyalexnet predict: {skipped} of {len(results)} file(s) skipped", file=sys.stderr)
+    return 2 if skipped == len(results) else 0
 
 
 def _show_filters(args) -> int:
-    from .train import filter_grid
+    from .infer import save_filter_figure
 
-    filter_grid(args.weights, args.columns, args.zoom).save(args.output)
+    save_filter_figure(args.weights, args.output, args.columns, args.zoom)
     print(f"wrote {args.output}")
     return 0
 
@@ -241,12 +260,18 @@ def _prepare(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     t = time.perf_counter()
-    m = prepare(args.src, args.out, args.size, args.workers, args.shard_images, progress=not args.no_progress)
+    call = {}
+    m = prepare(args.src, args.out, args.size, args.workers, args.shard_images, progress=not args.no_progress,
+                report=call)
     dt = time.perf_counter() - t
-    n = m["splits"]["train"]["count"] + m["splits"].get("val", {}).get("count", 0)
     print(f"{m['splits']['train']['count']} training and {m['splits'].get('val', {}).get('count', 0)} validation "
-          f"images of {len(m['classes'])} classes in {args.out} ({len(m['skipped'])} skipped); {dt:.1f} s, "
-          f"{n / dt:.1f} images/s")
+          f"images of {len(m['classes'])} classes in {args.out} ({len(m['skipped'])} unreadable, skipped)")
+    kept = f"; {call['shards_kept']} shard(s) of an earlier run kept" if call["shards_kept"] else ""
+    if call["shards"]:
+        print(f"this run decoded {call['images']} files in {call['shards']} shard(s) in {dt:.1f} s, "
+              f"{call['images'] / dt:.1f} images/s{kept}")
+    else:
+        print(f"nothing to decode: every shard was already done ({dt:.1f} s){kept}")
     return 0
 
 
@@ -293,6 +318,61 @@ def _demo(args) -> int:
     return 0
 
 
+def _parser() -> Parser:
+    parser = Parser(prog="pyalexnet", description="AlexNet from hand-written CUDA kernels, with a CPU emulator "
+                    "that runs the same kernel source.")
+    parser.add_argument("--version", action="version", version=f"pyalexnet {pa.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("info", help="which backend runs the kernels, and why not cuda")
+    sub.add_parser("check", help="run every kernel against the float64 reference")
+    sub.add_parser("bench", help="training throughput and per-layer times against PyTorch (pyalexnet bench --help)")
+    sub.add_parser("profile", help="predicted time of every layer pass on a named GPU, without one "
+                                   "(pyalexnet profile --help)")
+    p = sub.add_parser("demo-data", help="write a small synthetic ImageFolder")
+    p.add_argument("out", help="the folder to write (train/<class>/*.jpg, val/)")
+    p.add_argument("--train-per-class", type=POSITIVE_INT, default=80, help="training images per class")
+    p.add_argument("--val-per-class", type=NONNEGATIVE_INT, default=20, help="validation images per class")
+    p.add_argument("--size", type=integer(16), default=96, help="the images' side, in pixels")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0, help="the drawings' random seed")
+    p = sub.add_parser("prepare", help="preprocess an ImageNet-style folder into shards, mean and colour PCA")
+    p.add_argument("src", help="a folder with train/<class>/* and optionally val/")
+    p.add_argument("out", help="the prepared dataset's folder (rerunning resumes)")
+    p.add_argument("--size", type=POSITIVE_INT, default=256, help="the stored images' side (the paper's 256)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes (default: one per CPU)")
+    p.add_argument("--shard-images", type=POSITIVE_INT, default=512, help="images per shard")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_train_args(sub.add_parser("train", help="train AlexNet on a prepared dataset"))
+    p = sub.add_parser("eval", help="top-1 / top-5 error of a checkpoint")
+    p.add_argument("--data", required=True, help="a folder written by 'pyalexnet prepare'")
+    p.add_argument("--weights", required=True, help="a checkpoint (e.g. runs/alexnet/best.npz)")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which images")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per forward pass")
+    p.add_argument("--no-ten-crop", action="store_true", help="the centre crop only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("predict", help="the top classes of image files, from a checkpoint alone",
+                       epilog="A file that does not decode is reported on stderr and skipped; the exit code is 2 only "
+                              "when no file could be read.")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--weights", required=True, help="a checkpoint (it carries its classes and preprocessing)")
+    p.add_argument("--data", default=None,
+                   help="the prepared dataset it was trained on, for checkpoints without preprocessing (default: "
+                        "the checkpoint's own)")
+    p.add_argument("--top", type=POSITIVE_INT, default=5, help="classes to print per image")
+    p.add_argument("--ten-crop", action="store_true", help="average the test-time views (the paper's 10 crops)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per forward pass")
+    p = sub.add_parser("show-filters", help="the first layer's kernels as a labelled PNG grid")
+    p.add_argument("--weights", required=True, help="a checkpoint")
+    p.add_argument("-o", "--output", default="filters.png", help="the PNG to write")
+    p.add_argument("--columns", type=POSITIVE_INT, default=12, help="kernels per row")
+    p.add_argument("--zoom", type=POSITIVE_INT, default=4, help="screen pixels per kernel pixel")
+    p = sub.add_parser("demo", help="demo-data -> prepare -> train -> eval of a small network, timed")
+    p.add_argument("dir", help="the folder for images/, prepared/ and run/ (a rerun starts over)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=DEMO["epochs"], help="training epochs")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0, help="the data's and the run's seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -303,50 +383,7 @@ def main(argv=None) -> int:
         from . import profile
 
         return profile.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="pyalexnet", description="AlexNet from hand-written CUDA kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="which backend runs the kernels")
-    sub.add_parser("check", help="run every kernel against the float64 reference")
-    sub.add_parser("bench", help="training throughput and per-layer times against PyTorch (pyalexnet bench --help)")
-    sub.add_parser("profile", help="predicted time of every layer pass on a named GPU, without one "
-                                   "(pyalexnet profile --help)")
-    p = sub.add_parser("demo-data", help="write a small synthetic ImageFolder")
-    p.add_argument("out")
-    p.add_argument("--train-per-class", type=int, default=80)
-    p.add_argument("--val-per-class", type=int, default=20)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("prepare", help="preprocess an ImageNet-style folder into shards, mean and colour PCA")
-    p.add_argument("src", help="a folder with train/<class>/* and optionally val/")
-    p.add_argument("out")
-    p.add_argument("--size", type=int, default=256, help="the stored images' side (default: the paper's 256)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
-    p.add_argument("--shard-images", type=int, default=512, help="images per shard")
-    p.add_argument("--no-progress", action="store_true")
-    _add_train_args(sub.add_parser("train", help="train AlexNet on a prepared dataset"))
-    p = sub.add_parser("eval", help="top-1 / top-5 error of a checkpoint")
-    p.add_argument("--data", required=True)
-    p.add_argument("--weights", required=True)
-    p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--no-ten-crop", action="store_true", help="the centre crop only")
-    p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("predict", help="the top classes of image files")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--weights", required=True)
-    p.add_argument("--data", default=None, help="the prepared dataset (default: the one the checkpoint names)")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--ten-crop", action="store_true")
-    p = sub.add_parser("show-filters", help="the first layer's kernels as a PNG grid")
-    p.add_argument("--weights", required=True)
-    p.add_argument("-o", "--output", default="filters.png")
-    p.add_argument("--columns", type=int, default=12)
-    p.add_argument("--zoom", type=int, default=4)
-    p = sub.add_parser("demo", help="demo-data -> prepare -> train -> eval of a small network, timed")
-    p.add_argument("dir")
-    p.add_argument("--epochs", type=int, default=DEMO["epochs"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    parser = _parser()
     args = parser.parse_args(argv)
     commands = {"info": lambda a: info(), "check": lambda a: check(), "demo-data": _demo_data, "prepare": _prepare,
                 "train": _train, "eval": _eval, "predict": _predict, "show-filters": _show_filters, "demo": _demo}

@@ -4,6 +4,10 @@
 device answers and CuPy is usable. ``emu``: ``pyalexnet._emu`` (the same kernels built for the CPU
 emulator) on NumPy arrays, chosen otherwise. ``PYALEXNET_BACKEND=cuda|emu`` forces one; forcing ``cuda``
 where it cannot run is an error that says why. CuPy is imported only when the cuda module has found a device.
+
+The choice is made at the first use of ``active`` (any array or kernel call, ``pa.backend_name()``), not at
+``import pyalexnet``: the command line's --help and its one-line error for a bad PYALEXNET_BACKEND need the
+package importable. A failed choice is not cached: every use raises the same error.
 """
 
 from __future__ import annotations
@@ -75,4 +79,9 @@ def _select() -> Backend:
     return Backend("emu", _emu, np)
 
 
-active = _select()
+def __getattr__(name: str):
+    global active
+    if name == "active":
+        active = _select()  # a module global from now on: later reads do not come here
+        return active
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

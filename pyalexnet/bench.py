@@ -31,9 +31,12 @@ import numpy as np
 import pyalexnet as pa
 
 from . import _backend
+from ._cli import POSITIVE_INT, Parser
+from ._files import atomic_write
 from .torch_compat import model_layers, torch_model
 
 EMULATED = "emulated — a correctness run, not a speed figure"
+EMULATED_BATCH = 4  # the emulator's step at width 1/16: seconds, not minutes
 
 
 def _progress(total: int, desc: str):
@@ -272,9 +275,9 @@ def identity(cp, torch) -> dict:
 
 def script_args(description: str, iters: int) -> argparse.Namespace:
     """The options every bench/ script takes: --batch, --iters, --json."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=iters)
+    parser = Parser(description=description)
+    parser.add_argument("--batch", type=POSITIVE_INT, default=128, help="images per step")
+    parser.add_argument("--iters", type=POSITIVE_INT, default=iters, help="timed runs per measurement")
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
     return parser.parse_args()
 
@@ -377,7 +380,9 @@ def run_emulated(args) -> int:
     print("no CUDA device: running the same pipeline on the CPU emulator at a small size")
     print(f"({EMULATED})\n")
     variants = ["paper", "torchvision"] if args.variant == "both" else [args.variant]
-    batch, failures = min(args.batch, 4), 0
+    batch, failures, rows = min(args.batch, EMULATED_BATCH), 0, []
+    if batch != args.batch:
+        print(f"--batch {args.batch}: the emulator runs batch {batch} (its small network; a GPU runs {args.batch})")
     print(f"{'variant':<12}{'step ms':>9}{'logits err':>12}{'worst grad err':>16}  vs float64 reference")
     for variant in variants:
         net = pa.AlexNet(variant, num_classes=10, seed=0, width=1 / 16, input_size=67)
@@ -410,18 +415,33 @@ def run_emulated(args) -> int:
         ok = logit_err < 1e-4 and grad_err < 1e-4
         failures += not ok
         print(f"{variant:<12}{ms:>9.1f}{logit_err:>12.2e}{grad_err:>16.2e}  {'ok' if ok else 'MISMATCH'}")
+        rows.append({"variant": variant, "emulator_step_ms": ms, "logits_rel_err": logit_err,
+                     "worst_grad_rel_err": grad_err, "ok": ok})
     print(f"\nsmall network (width 1/16, 67 x 67 input, batch {batch}); {EMULATED}")
+    if args.json is not None:  # only when asked: bench/results/ holds GPU measurements
+        result = {"bench": "pyalexnet bench", "backend": "emu", "measured": False, "what": (
+                  "a correctness check of the training step on the CPU emulator; its times are the emulator's, "
+                  "not a GPU's"), "requested_batch": args.batch, "batch": batch, "width": 1 / 16,
+                  "input_size": 67, "iters": max(1, min(args.iters, 5)), "date": datetime.date.today().isoformat(),
+                  "commit": _git("rev-parse", "--short", "HEAD") or "unknown", "pyalexnet": pa.__version__,
+                  "rows": rows}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        print(f"wrote {args.json}")
     return 1 if failures else 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyalexnet bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=["paper", "torchvision", "both"], default="both")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=20, help="timed runs per measurement (the median is reported)")
+    parser = Parser(prog="pyalexnet bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=["paper", "torchvision", "both"], default="both", help="which network")
+    parser.add_argument("--batch", type=POSITIVE_INT, default=128,
+                        help=f"images per training step (the emulator runs at most {EMULATED_BATCH}, and says so)")
+    parser.add_argument("--iters", type=POSITIVE_INT, default=20,
+                        help="timed runs per measurement (the median is reported)")
     parser.add_argument("--mode", choices=["strict", "default", "both"], default="both",
                         help="strict: TF32 off on both sides; default: PyTorch's defaults")
-    parser.add_argument("--json", type=Path, help="results file (default bench/results/<date>-<card>-<commit>-bench.json)")
+    parser.add_argument("--json", type=Path, help="results file (default on a GPU: bench/results/<date>-<card>-<commit>-"
+                                                  "bench.json; on the emulator: written only when given)")
     parser.add_argument("--no-compare", dest="compare", action="store_false", help="time ours only")
     parser.add_argument("--no-layers", dest="layers", action="store_false", help="skip the per-layer table")
     parser.add_argument("--checkout", type=Path, default=Path("."),
@@ -429,8 +449,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     global CHECKOUT
     CHECKOUT = args.checkout
-    if args.batch < 1 or args.iters < 1:
-        parser.error("--batch and --iters must be >= 1")
     if _backend.active.name != "cuda":
         return run_emulated(args)
     if args.iters < 20:

@@ -116,9 +116,15 @@ def scan(src) -> dict:
     if not classes:
         raise ValueError(f"{train_dir}: no class folders")
     index = {c: i for i, c in enumerate(classes)}
-    train = [(p, index[c]) for c in classes for p in _images_in(train_dir / c)]
-    if not train:
+    per_class = {c: _images_in(train_dir / c) for c in classes}
+    empty = [c for c in classes if not per_class[c]]
+    if len(empty) == len(classes):
         raise ValueError(f"{train_dir}: no images (extensions {sorted(IMAGE_EXTENSIONS)})")
+    if empty:  # as torchvision's ImageFolder: a class the network could never learn is an error, not a warning
+        raise ValueError(f"{train_dir}: {len(empty)} class folder(s) hold no image files: {', '.join(empty[:5])}"
+                         f"{' ...' if len(empty) > 5 else ''} (extensions {sorted(IMAGE_EXTENSIONS)}); remove them "
+                         "or add images")
+    train = [(p, index[c]) for c in classes for p in per_class[c]]
     val = []
     val_dir = src / "val"
     if val_dir.is_dir():
@@ -184,17 +190,17 @@ def _plan_hash(files, labels, size) -> str:
 
 
 def prepare(src, out, size: int = 256, workers: int | None = None, shard_images: int = 512,
-            progress: bool = True) -> dict:
+            progress: bool = True, report: dict | None = None) -> dict:
     """Preprocesses the folder `src` into `out` (see the module's docstring); returns the dataset.json contents.
-    Rerunning it resumes: finished shards are kept. With workers > 1 it starts processes by "spawn", which
+    `report`, a dict when given, receives what this call did: "shards" (decoded now), "shards_kept" (finished
+    by an earlier call and kept), "images" (files decoded now). Rerunning it resumes: finished shards are kept. A class none of whose training files decodes is an error naming it. With workers > 1 it starts processes by "spawn", which
     re-imports the calling script: a script that calls prepare() must do so under `if __name__ == "__main__":`."""
     from tqdm import tqdm
 
-    size = int(size)
-    if size < 1:
-        raise ValueError(f"size: expected >= 1, got {size}")
-    if shard_images < 1:
-        raise ValueError(f"shard_images: expected >= 1, got {shard_images}")
+    size = check.positive_int(size, "size")
+    shard_images = check.positive_int(shard_images, "shard_images")
+    if workers is not None:
+        workers = check.positive_int(workers, "workers")
     listing = scan(src)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,13 +247,15 @@ def prepare(src, out, size: int = 256, workers: int | None = None, shard_images:
                         done[(split, index)] = info
                         bar.update(info["planned"])
             except BrokenProcessPool as e:
-                raise RuntimeError(f"prepare: a worker process died ({e}); out of memory? Try fewer --workers. "
+                raise RuntimeError(f"a worker process died ({e}); out of memory? Try fewer --workers. "
                                    "Rerunning resumes.") from None
             finally:
                 if saved is None:
                     os.environ.pop("PYALEXNET_BACKEND", None)
                 else:
                     os.environ["PYALEXNET_BACKEND"] = saved
+    if report is not None:
+        report.update(shards=len(tasks), shards_kept=len(done) - len(tasks), images=total)
     return _finish(out, listing, done, size)
 
 
@@ -270,7 +278,14 @@ def _finish(out: Path, listing: dict, done: dict, size: int) -> dict:
                          "shards": [{"file": i["file"], "labels": i["labels"], "count": i["count"]} for i in shards]}
     count = splits["train"]["count"]
     if count == 0:
-        raise ValueError("prepare: no readable training image")
+        raise ValueError("no readable training image: every file failed to decode (see the warnings)")
+    per_class = np.zeros(len(listing["classes"]), np.int64)
+    for info in (done[k] for k in done if k[0] == "train"):
+        per_class += np.bincount(np.load(out / info["labels"]), minlength=len(per_class))[: len(per_class)]
+    unreadable = [c for c, n in zip(listing["classes"], per_class) if n == 0]
+    if unreadable:
+        raise ValueError(f"class(es) {', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}: no training "
+                         "image decodes (see the warnings): remove the class or replace its files")
     mean = (image_sum / count).astype(np.float32)
     mu = rgb_sum / pixels
     cov = rgb_outer / pixels - np.outer(mu, mu)
@@ -316,6 +331,9 @@ class Dataset:
 
     def __init__(self, path):
         self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such folder" if not self.path.exists()
+                                    else f"{self.path}: not a folder (expected one written by 'pyalexnet prepare')")
         manifest_path = self.path / "dataset.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{self.path}: no dataset.json; run 'pyalexnet prepare SRC {self.path}' first")

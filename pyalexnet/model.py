@@ -172,7 +172,10 @@ class AlexNet:
     def _initial_parameters(self):
         """init "paper": weights N(0, 0.01^2), biases 1 or 0 (see layer_specs), as section 5 says; it starts slowly
         (the loss sits at ln(classes) for a while), which a 90-epoch ImageNet run absorbs and a short demo does not.
-        init "kaiming" (He et al. 2015): weights N(0, 2 / fan_in) (1 / fan_in for the last layer), biases 0."""
+        init "kaiming" (He et al. 2015): weights N(0, 2 / fan_in), biases 0; the last layer N(0, 0.01^2), as
+        Goyal et al. (2017) start their classifier: the first logits stay small (the loss starts at ln(classes)),
+        where He's variance there, after three max-pools have raised the activations' second moment, starts the
+        torchvision variant at 2-3x that and its second step overshoots."""
         rng = np.random.default_rng(self.seed)
         params = {}
         for spec, shape in zip(self.specs, self.shapes):
@@ -187,8 +190,8 @@ class AlexNet:
             if self.init == "paper":
                 std = 0.01
             else:
-                bias, last = 0.0, spec is self.specs[-1]
-                std = math.sqrt((1.0 if last else 2.0) / math.prod(wshape[1:]))
+                bias = 0.0
+                std = 0.01 if spec is self.specs[-1] else math.sqrt(2.0 / math.prod(wshape[1:]))
             params[f"{name}.weight"] = (rng.standard_normal(wshape) * std).astype(np.float32)
             params[f"{name}.bias"] = np.full(out, bias, np.float32)
         xp = _backend.active.xp

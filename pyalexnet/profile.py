@@ -32,7 +32,6 @@ Everything this module prints is a prediction from static analysis and emulator 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _backend, cards, sass
+from ._cli import NONNEGATIVE_INT, POSITIVE_INT, Parser
 from ._files import atomic_write
 from .bench import _git as git
 from .bench import conv_flops_layer
@@ -486,13 +486,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyalexnet profile", description=(
+    parser = Parser(prog="pyalexnet profile", description=(
         "Predict a training step's time per layer pass on a named GPU, without one: SASS of the CUDA build + "
         "counting emulator + a model per card. " + NOTE + "."))
-    parser.add_argument("--variant", default="torchvision", choices=["paper", "torchvision"])
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--variant", default="torchvision", choices=["paper", "torchvision"], help="which network")
+    parser.add_argument("--batch", type=POSITIVE_INT, default=128, help="images per training step")
     parser.add_argument("--card", default="h100", help=f"one of {', '.join(cards.CARDS)} (default h100)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_INTERIOR,
+    parser.add_argument("--samples", type=NONNEGATIVE_INT, default=DEFAULT_INTERIOR,
                         help="interior CTAs sampled per grid dimension besides the first and the last (0: every CTA)")
     parser.add_argument("--json", type=Path, help="where to write the result (default bench/results/"
                                                   "<date>-predicted-<card>-<commit>-profile.json)")
@@ -502,10 +502,6 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", action="store_true",
                         help="also print every kernel's registers, shared memory, spills, occupancy and hot-loop mix")
     args = parser.parse_args(argv)
-    if args.batch < 1:
-        parser.error("--batch must be at least 1")
-    if args.samples < 0:
-        parser.error("--samples must be 0 or more")
     try:
         result = profile(args.variant, args.batch, args.card, args.samples)
     except (sass.SassUnavailable, RuntimeError, ValueError) as e:

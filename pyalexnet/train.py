@@ -1,10 +1,10 @@
-"""Training, evaluation and inference from a prepared dataset (pyalexnet.data): what `pyalexnet train`, `eval`,
-`predict` and `show-filters` run.
+"""Training and evaluation from a prepared dataset (pyalexnet.data): what `pyalexnet train` and `eval` run
+(inference from a checkpoint alone, `predict` and `show-filters`, is pyalexnet.infer).
 
 Training follows the paper (section 5): batch 128, SGD with momentum 0.9 and weight decay 5e-4, lr 0.01 divided
 by 10 when the validation error stops improving (at most three times; optim.Plateau) or on a fixed step schedule,
 random 224/227 crops, flips and PCA colour shifts (each can be switched off). Checkpoints (pyalexnet.checkpoint,
-atomic) go to OUT/last.npz every N steps and at each epoch's end, and to OUT/best.npz when the validation error
+atomic, with the preprocessing that predict needs) go to OUT/last.npz every N steps and at each epoch's end, and to OUT/best.npz when the validation error
 improves; each holds the position in the data (epoch, batch), so a resumed run continues exactly where the
 interrupted one stopped. A folder that already holds a run is never trained into by accident: continue it with
 `resume`, or start over with `overwrite`.
@@ -19,7 +19,10 @@ TensorBoard scalars when torch.utils.tensorboard or tensorboardX can be imported
 The input scale: the kernels see (pixel - mean) * scale. The paper's init (N(0, 0.01) weights) was made for raw
 0-255 pixels (scale 1); He's init expects inputs of unit variance, and with scale 1 its activations grow by the
 pixels' standard deviation (~60) per layer and the loss diverges within a few steps. scale=None picks 1 for init
-"paper" and 1 / (the training pixels' standard deviation, from the dataset's colour PCA) for "kaiming".
+"paper" and 1 / (2 x the training pixels' standard deviation, from the dataset's colour PCA) for "kaiming": inputs
+of standard deviation 1/2, because the torchvision variant (three max-pools, no LRN) at unit variance overshot on
+its second step (loss 5.7 -> 11.8 at batch 16, tests/test_train_ux.py) while at 1/2 every seed tried stayed below
+2.5 x ln(classes).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import pyalexnet as pa
 from . import _backend
 from . import _checks as check
 from ._files import atomic_write
-from .data import BatchLoader, Dataset, eval_draws, load_image
+from .checkpoint import Preprocess
+from .data import BatchLoader, Dataset, eval_draws
 from .optim import SGD, Plateau, StepDecay
 
 class TrainingDiverged(RuntimeError):
@@ -295,13 +299,14 @@ def _claim_run_folder(out: Path, resume, overwrite: bool) -> None:
 
 def default_scale(init: str, dataset: Dataset) -> float:
     """The input scale train() uses when given scale=None: 1 for the paper's init, made for 0-255 pixels; for
-    He's ("kaiming"), which expects unit-variance inputs, 1 / the training pixels' standard deviation, from the
-    dataset's colour PCA (its eigenvalues are the variances along the components: their mean is the mean
-    variance per channel). About 1/58 on ImageNet (channel stds ~57-58), 1/51 on the demo's images."""
+    He's ("kaiming"), 1 / (2 x the training pixels' standard deviation), from the dataset's colour PCA (its
+    eigenvalues are the variances along the components: their mean is the mean variance per channel): inputs of
+    standard deviation 1/2 (see the module's docstring for why not 1). About 1/116 on ImageNet (channel stds
+    ~57-58), 1/102 on the demo's images."""
     if init != "kaiming":
         return 1.0
     std = math.sqrt(max(float(np.mean(dataset.eigenvalues)), 0.0))
-    return 1.0 / std if std >= 1.0 else 1.0  # constant images: nothing to normalise
+    return 0.5 / std if std >= 1.0 else 1.0  # constant images: nothing to normalise
 
 
 def _switch_draws(params, shift, size: int, crop: int, flip: bool, pca: bool, random_crop: bool) -> None:
@@ -504,13 +509,15 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
         log.write({"kind": "resume", "step": opt.steps, "epoch": epoch + 1, "batch": batch_index,
                    "from": str(resume), "lr": opt.lr, "args": config})
     mean = _device(dataset.mean)
+    # What predict needs without the dataset: the test-time views follow the switches, as eval_views says.
+    preprocess = Preprocess(dataset.classes, dataset.size, crop, dataset.mean, scale,
+                            eval_views({"train": {"flip": flip, "random_crop": random_crop}}))
     tb = _TensorBoard(out / TB_DIR, tensorboard, opt.steps + 1 if resume is not None else 0, echo)
     written = set()  # the checkpoints this call wrote
 
     def state_for(ep, bi):
         return {"train": {"epoch": ep, "batch": bi, "best": best, "seed": seed, "scale": scale,
-                          "batch_size": batch_size, "classes": dataset.classes, "data": str(Path(data).resolve()),
-                          "size": dataset.size, "dataset": dataset.identity, "flip": flip, "pca": pca,
+                          "batch_size": batch_size, "classes": dataset.classes, "size": dataset.size, "dataset": dataset.identity, "flip": flip, "pca": pca,
                           "random_crop": random_crop}}
 
     def good_checkpoint():
@@ -535,7 +542,7 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
         if bad:
             diverged(f"the weights of {', '.join(bad[:3])} became inf or NaN by step {opt.steps} (epoch {ep + 1})",
                      last_loss)
-        save(path, net, opt, state_for(ep, bi))
+        save(path, net, opt, state_for(ep, bi), preprocess)
         written.add(path)
 
     def plot():
@@ -628,54 +635,3 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
     echo(f"{steps} steps{total} in {result['seconds']:.1f} s{rate}, {loss_text}")
     return result
 
-
-# ---- inference --------------------------------------------------------------------------------------------------------
-def predict(paths, weights, data=None, top: int = 5, ten_crop: bool = False) -> list:
-    """[(path, [(class name, probability), ...])] for image files, from a training checkpoint."""
-    from .checkpoint import load
-
-    ck = load(weights)
-    state = ck.extra.get("train") or {}
-    data = data or state.get("data")
-    if data is None:
-        raise ValueError(f"{weights}: does not say which dataset it was trained on: pass --data")
-    dataset = Dataset(data)
-    check_classes(ck.extra, ck.net.num_classes, dataset, weights)
-    net, crop, scale = ck.net, ck.net.input_size, state.get("scale", 1.0)
-    images = np.stack([load_image(p, dataset.size) for p in paths])
-    probs = 0
-    views = range(10) if ten_crop else range(1)
-    for view in views:
-        params, shift = eval_draws(len(images), dataset.size, crop, view)
-        x = pa.ops.augment_batch(_device(images), _device(dataset.mean), params, shift, crop, scale)
-        probs = probs + _softmax(net.forward(x, train=False))
-    probs = probs / len(views)
-    top = min(top, len(dataset.classes))
-    results = []
-    for path, p in zip(paths, probs):
-        best = np.argsort(-p)[:top]
-        results.append((str(path), [(dataset.classes[i], float(p[i])) for i in best]))
-    return results
-
-
-def filter_grid(weights, columns: int = 12, zoom: int = 4):
-    """The first convolution's kernels as one RGB image (the paper's Figure 3): each kernel scaled to 0-255 on
-    its own, on a grid with 1-pixel gaps, enlarged `zoom` times."""
-    from PIL import Image
-
-    from .checkpoint import load
-
-    net = load(weights).net
-    w = np.asarray(pa.to_numpy(net.parameters()[next(iter(net.parameters()))]), np.float64)  # (K, 3, R, S)
-    if w.ndim != 4 or w.shape[1] != 3:
-        raise ValueError(f"{weights}: the first layer's weights {w.shape} are not RGB kernels")
-    k, _, r, s = w.shape
-    rows = math.ceil(k / columns)
-    grid = np.full((rows * (r + 1) + 1, columns * (s + 1) + 1, 3), 255, np.uint8)
-    for i in range(k):
-        f = w[i].transpose(1, 2, 0)
-        lo, hi = f.min(), f.max()
-        f = (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
-        y, x = 1 + (i // columns) * (r + 1), 1 + (i % columns) * (s + 1)
-        grid[y : y + r, x : x + s] = np.round(f * 255).astype(np.uint8)
-    return Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.Resampling.NEAREST)

@@ -214,8 +214,11 @@ def test_dataset_refuses_a_damaged_folder(tmp_path, rng):
     np.save(out / "train-00000.npy", np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="does not match dataset.json"):
         D.Dataset(out)
-    with pytest.raises(FileNotFoundError, match="run 'pyalexnet prepare"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
         D.Dataset(tmp_path / "nowhere")
+    (tmp_path / "unprepared").mkdir()
+    with pytest.raises(FileNotFoundError, match="run 'pyalexnet prepare"):
+        D.Dataset(tmp_path / "unprepared")
 
 
 # ---- the augmentation kernel ----------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def test_checkpoint_damage_is_detected(tmp_path):
     with pytest.raises(ValueError, match=r"flipped\.npz: "):
         pa.load(tmp_path / "flipped.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
-    with pytest.raises(ValueError, match=r"junk\.npz: not a readable pyalexnet checkpoint"):
+    with pytest.raises(ValueError, match=r"junk\.npz: not a pyalexnet checkpoint \(not a zip archive"):
         pa.load(tmp_path / "junk.npz")
     with pytest.raises(TypeError, match=r"extra: must hold only JSON values"):
         pa.save(path, net, extra={"bad": object()})

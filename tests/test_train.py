@@ -73,12 +73,25 @@ def test_predict_and_show_filters(prepared, capsys, tmp_path):
     probs = [float(line.split()[0]) for line in lines[1:4]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
     assert lines[1].split()[1] in CLASSES
-    png = tmp_path / "filters.png"
-    assert main(["show-filters", "--weights", str(ckpt), "-o", str(png), "--columns", "6", "--zoom", "2"]) == 0
     from PIL import Image
 
-    with Image.open(png) as im:  # 24 kernels of 11 x 11 on a 6-column grid, 1-pixel gaps, zoom 2
-        assert im.size == ((6 * 12 + 1) * 2, (4 * 12 + 1) * 2) and im.mode == "RGB"
+    from pyalexnet.infer import filter_grid
+
+    grid = filter_grid(ckpt, columns=6, zoom=2)  # 24 kernels of 11 x 11 on a 6-column grid, 1-pixel gaps, zoom 2
+    g = np.asarray(grid)
+    assert grid.size == ((6 * 12 + 1) * 2, (4 * 12 + 1) * 2) and grid.mode == "RGB"
+    png = tmp_path / "filters.png"
+    assert main(["show-filters", "--weights", str(ckpt), "-o", str(png), "--columns", "6", "--zoom", "2"]) == 0
+    with Image.open(png) as im:  # the labelled figure: the grid with a title and row/column labels around it
+        assert im.format == "PNG" and im.size[0] > grid.size[0] and im.size[1] > grid.size[1]
+    from pyalexnet.infer import filter_figure
+
+    ax = filter_figure(ckpt, columns=6, zoom=2).axes[0]
+    assert ax.get_title() == "best.npz: conv1, 24 kernels of 11 x 11 x 3 (each stretched to its own range)"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "6", "12", "18"]  # the first kernel of each row
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"+{c}" for c in range(6)]
+    shown = np.asarray(ax.get_images()[0].get_array())
+    assert shown.shape == (4 * 12 + 1, 6 * 12 + 1, 3) and (np.repeat(np.repeat(shown, 2, 0), 2, 1) == g).all()
 
 
 def test_resume_continues_exactly_where_it_stopped(prepared):
@@ -206,9 +219,9 @@ def test_training_refuses_what_it_cannot_do(prepared, capsys):
     assert main(["train", "--data", data, "--out", str(prepared / "x"), "--crop", "99", "--no-progress"]) == 2
     assert "larger than the prepared images (72)" in capsys.readouterr().err
     assert main(["train", "--data", str(prepared / "nothing"), "--out", str(prepared / "x")]) == 2
-    assert "run 'pyalexnet prepare" in capsys.readouterr().err
+    assert "nothing: no such folder" in capsys.readouterr().err
     assert main(["eval", "--data", data, "--weights", str(prepared / "images" / "val" / "labels.txt")]) == 2
-    assert "not a readable pyalexnet checkpoint" in capsys.readouterr().err
+    assert "not a pyalexnet checkpoint (not a zip archive" in capsys.readouterr().err
     assert main(["eval", "--data", data, "--weights", str(prepared / "images")]) == 2  # a directory: OSError
     assert "error:" in capsys.readouterr().err
     assert main(["train", "--data", data, "--out", str(prepared / "x"), "--max-steps", "0", *SMALL]) == 2

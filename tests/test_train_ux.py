@@ -114,7 +114,7 @@ def test_the_default_scale_follows_the_init_and_the_pixels(data):
     ds = pa_dataset(data)
     assert T.default_scale("paper", ds) == 1.0
     std = math.sqrt(np.mean(ds.eigenvalues))
-    assert T.default_scale("kaiming", ds) == pytest.approx(1 / std) and 20 < std < 120
+    assert T.default_scale("kaiming", ds) == pytest.approx(0.5 / std) and 20 < std < 120
 
 
 def test_divergence_names_only_a_checkpoint_that_exists_and_draws_the_curves(data, tmp_path):
