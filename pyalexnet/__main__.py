@@ -159,7 +159,7 @@ def _add_train_args(p):
     p.add_argument("--patience", type=NONNEGATIVE_INT, default=4,
                    help="plateau schedule: lr / 10 once more than this many epochs in a row bring no new best "
                         "validation error (PyTorch's ReduceLROnPlateau rule)")
-    p.add_argument("--threshold", type=NONNEGATIVE, default=1e-4,
+    p.add_argument("--threshold", type=number(0.0, 1.0, high_open=True), default=1e-4,
                    help="plateau schedule: a new best must beat the best by this fraction")
     p.add_argument("--cooldown", type=NONNEGATIVE_INT, default=0,
                    help="plateau schedule: epochs after a reduction that are not counted")
@@ -374,35 +374,45 @@ def _parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from . import bench
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["bench"], ["profile"]):  # their own parsers (pyalexnet/bench.py, pyalexnet/profile.py)
+        command = argv[0]
 
-        return bench.main(argv[1:])
-    if argv[:1] == ["profile"]:
-        from . import profile
+        def run():
+            from importlib import import_module
 
-        return profile.main(argv[1:])
-    parser = _parser()
-    args = parser.parse_args(argv)
-    commands = {"info": lambda a: info(), "check": lambda a: check(), "demo-data": _demo_data, "prepare": _prepare,
-                "train": _train, "eval": _eval, "predict": _predict, "show-filters": _show_filters, "demo": _demo}
+            return import_module(f"pyalexnet.{command}").main(argv[1:])
+    else:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version, a bad flag (already reported): a status, for callers of main()
+            return e.code if isinstance(e.code, int) else 2
+        command = args.command
+        commands = {"info": lambda a: info(), "check": lambda a: check(), "demo-data": _demo_data,
+                    "prepare": _prepare, "train": _train, "eval": _eval, "predict": _predict,
+                    "show-filters": _show_filters, "demo": _demo}
+
+        def run():
+            return commands[command](args)
+
     from .data import BadImage
     from .train import TrainingDiverged
 
     try:
-        return commands[args.command](args)
+        return run()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
     except TrainingDiverged as e:
-        print(f"pyalexnet {args.command}: {e}", file=sys.stderr)
+        print(f"pyalexnet {command}: {e}", file=sys.stderr)
         return 3
     except (ValueError, TypeError, OSError, BadImage) as e:  # bad input, missing or unreadable files, disk full
-        print(f"pyalexnet {args.command}: error: {e}", file=sys.stderr)
+        print(f"pyalexnet {command}: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a kernel fault (KernelError), a dead worker process
-        print(f"pyalexnet {args.command}: error: {e}", file=sys.stderr)
+    except RuntimeError as e:  # a kernel fault (KernelError), a dead worker process, a forced backend missing
+        print(f"pyalexnet {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"pyalexnet {args.command}: interrupted", file=sys.stderr)
+        print(f"pyalexnet {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -392,9 +392,26 @@ class _TensorBoard:
 
 
 # ---- training -------------------------------------------------------------------------------------------------------
+def _fits(variant: str, size: int) -> bool:
+    """Whether every layer of the variant fits an input of size x size (a width-1/64 network: only geometry)."""
+    try:
+        pa.AlexNet(variant, num_classes=1, width=1 / 64, input_size=size)
+        return True
+    except ValueError:
+        return False
+
+
 def _new_run(dataset, variant, lr, momentum, weight_decay, schedule, step_every, width, crop, init, seed, patience,
              threshold, cooldown):
-    net = pa.AlexNet(variant, num_classes=len(dataset.classes), seed=seed, width=width, input_size=crop, init=init)
+    try:
+        net = pa.AlexNet(variant, num_classes=len(dataset.classes), seed=seed, width=width, input_size=crop,
+                         init=init)
+    except ValueError as e:
+        if crop is None or "too small" not in str(e):
+            raise
+        smallest = next(n for n in range(crop + 1, 4 * crop + 300) if _fits(variant, n))
+        raise ValueError(f"crop: {crop} x {crop} is too small for the {variant} variant's layers ({e}); the smallest "
+                         f"input it takes is {smallest} x {smallest}") from None
     if schedule == "plateau":
         sched = Plateau(patience=patience, threshold=threshold, cooldown=cooldown)
     elif schedule == "step":

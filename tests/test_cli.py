@@ -70,7 +70,9 @@ def test_a_bad_flag_is_one_line_naming_it(tmp_path, args, fragments):
 def test_a_bad_backend_variable_breaks_neither_help_nor_info(tmp_path):
     r = cli("--help", cwd=tmp_path, PYALEXNET_BACKEND="gpu")
     assert r.returncode == 0 and r.stdout.startswith("usage: pyalexnet") and not r.stderr, r.stderr
-    one_line_error(cli("info", cwd=tmp_path, PYALEXNET_BACKEND="gpu"), "PYALEXNET_BACKEND must be 'cuda' or 'emu'")
+    for command in ["info", "bench", "check"]:
+        one_line_error(cli(command, cwd=tmp_path, PYALEXNET_BACKEND="gpu"), f"pyalexnet {command}: error: "
+                       "PYALEXNET_BACKEND must be 'cuda' or 'emu'")
     if pa.backend_name() != "cuda":
         one_line_error(cli("info", cwd=tmp_path, PYALEXNET_BACKEND="cuda"), "pyalexnet info: error: PYALEXNET_BACKEND"
                        "=cuda, but ", code=1)
@@ -107,6 +109,14 @@ def test_eval_names_the_image_size_not_a_flag_it_does_not_have(small, tmp_path):
     line = one_line_error(cli("eval", "--data", tmp_path / "data64", "--weights", small / "run" / "last.npz",
                               "--no-progress", cwd=tmp_path), "67 x 67", "64 x 64", "--size >= 67")
     assert "--crop" not in line
+
+
+def test_train_names_its_own_options_and_the_smallest_crop(small, tmp_path):
+    line = one_line_error(cli("train", "--data", small / "data", "--out", tmp_path / "r", "--crop", "30",
+                              "--no-progress", cwd=tmp_path), "crop: 30 x 30 is too small", "67 x 67")
+    assert line.startswith("pyalexnet train: error: crop:")
+    one_line_error(cli("train", "--data", small / "data", "--out", tmp_path / "r", "--threshold", "1",
+                       cwd=tmp_path), "argument --threshold", "[0, 1)")
 
 
 def test_prepare_errors_are_not_doubled_and_name_the_class(tmp_path):
