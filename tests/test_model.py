@@ -345,9 +345,9 @@ def test_training_steps_reuse_their_memory(rng):
 
 
 @pytest.mark.skipif(ON_CUDA, reason="host process memory of the emulator backend")
-def test_process_memory_is_stable_over_200_training_steps():
-    """Forward, loss, backward and SGD 200 times: after the first step (which allocates the workspace and the
-    emulator's stacks) the process's resident memory must not grow. The numbers go to the test's output."""
+def test_process_memory_is_stable_over_400_training_steps():
+    """Forward, loss, backward and SGD 400 times: after a bounded warm-up the process's resident memory must not
+    grow. The numbers go to the test's output."""
     code = (
         "import numpy as np, pyalexnet as pa\n"
         "net = pa.AlexNet('paper', num_classes=10, width=1 / 16, input_size=67)\n"
@@ -357,7 +357,7 @@ def test_process_memory_is_stable_over_200_training_steps():
         "def rss():\n"
         "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
         "sizes = []\n"
-        "for i in range(201):\n"
+        "for i in range(401):\n"
         "    loss, d = pa.ops.softmax_cross_entropy(net.forward(x), y)\n"
         "    net.backward(d); opt.step(); sizes.append(rss())\n"
         "print(*sizes)\n"
@@ -366,12 +366,14 @@ def test_process_memory_is_stable_over_200_training_steps():
                          env=dict(os.environ, PYALEXNET_BACKEND="emu"), check=True, timeout=600)
     sizes = [int(v) for v in out.stdout.split()]
     first, peak, last = sizes[0], max(sizes[1:]), sizes[-1]
-    print(f"RSS after step 1: {first / 2**20:.1f} MiB; largest after steps 2-201: {peak / 2**20:.1f} MiB; "
-          f"after step 201: {last / 2**20:.1f} MiB")
-    # Allocator noise (malloc arenas and trimming) moves RSS by a few hundred KiB once, around step 50-100
-    # (measured: 49.2 MiB, then 49.9 MiB flat to step 600); a leak of 1 KiB per step would fail the second check.
-    assert peak - first < 2**20, f"RSS grew by {(peak - first) / 2**20:.2f} MiB over 200 steps"
-    assert last - sizes[100] < 128 * 1024, f"RSS crept up by {(last - sizes[100]) / 1024:.0f} KiB over steps 101-201"
+    print(f"RSS after step 1: {first / 2**20:.1f} MiB; largest after steps 2-401: {peak / 2**20:.1f} MiB; "
+          f"after step 401: {last / 2**20:.1f} MiB")
+    # The allocators (glibc's per-thread arenas of the emulator's workers, its moving mmap threshold) settle in
+    # a few steps of RSS: measured 2026-12-03, 48.7 MiB after step 1, up by 0.5, 0.9 and 0.9 MiB at steps 21, 95
+    # and 168, then flat to step 800 (CI once saw 1.5 MiB by step 200). A leak of 1 KiB per step would add
+    # 200 KiB over steps 201-401 and fail the second check.
+    assert peak - first < 4 * 2**20, f"RSS grew by {(peak - first) / 2**20:.2f} MiB over 400 steps"
+    assert last - sizes[200] < 128 * 1024, f"RSS crept up by {(last - sizes[200]) / 1024:.0f} KiB over steps 201-401"
 
 
 def test_arrays_from_torch_are_accepted(torch, rng):
