@@ -25,7 +25,8 @@
 #define PA_ARRAY_KIND "a CUDA array (CuPy, or anything with __cuda_array_interface__)"
 #else
 namespace pa_emu {
-int worker_count();  // emu/runtime.cpp
+int worker_count();              // emu/runtime.cpp
+const char* fiber_switch_name();  // emu/runtime.cpp
 }
 #if defined(PA_EMU_PROFILE)
 #include "emu/counters.h"
@@ -746,11 +747,7 @@ PYBIND11_MODULE(PA_MODULE, m) {
     }, "Waits for every kernel; raises KernelError for an asynchronous fault.");
 #else
     m.attr("backend") = "emu";
-#if defined(PA_EMU_FCONTEXT)
-    m.attr("fiber_switch") = "boost.context";
-#else
-    m.attr("fiber_switch") = "ucontext";
-#endif
+    m.attr("fiber_switch") = pa_emu::fiber_switch_name();
     m.def("worker_count", &pa_emu::worker_count, "Worker threads of the emulator (PYALEXNET_EMU_WORKERS).");
 #if defined(__SANITIZE_ADDRESS__)
     m.attr("sanitizer") = "address,undefined";

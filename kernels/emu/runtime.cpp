@@ -30,9 +30,12 @@
 
 #include "cuda_emu.h"
 
-#if defined(PA_EMU_FCONTEXT)
-#include <boost/context/detail/fcontext.hpp>
-#else
+// Fibers switch with our own few instructions (fiber_switch.h) on x86-64 and AArch64, with ucontext elsewhere or
+// when the build asks for it (-DPYALEXNET_EMU_UCONTEXT=ON: the fallback CI keeps tested).
+#if !defined(PA_EMU_UCONTEXT)
+#include "fiber_switch.h"
+#endif
+#if !defined(PA_EMU_OWN_SWITCH)
 #include <ucontext.h>
 #endif
 
@@ -100,9 +103,8 @@ enum class State : unsigned char { Runnable, AtBarrier, InCollective, Done };
 struct Group;
 
 struct Fiber {
-#if defined(PA_EMU_FCONTEXT)
-    boost::context::detail::fcontext_t context = nullptr;  // where the fiber is suspended
-    boost::context::detail::fcontext_t caller = nullptr;   // where the scheduler is
+#if defined(PA_EMU_OWN_SWITCH)
+    void* sp = nullptr;  // its stack pointer while it is switched out
 #else
     ucontext_t context;
 #endif
@@ -186,7 +188,9 @@ struct Worker {
 #endif
     const std::function<void()>* body = nullptr;
     std::string error;  // the first fault of the current block, empty if none
-#if !defined(PA_EMU_FCONTEXT)
+#if defined(PA_EMU_OWN_SWITCH)
+    void* scheduler_sp = nullptr;  // the worker's own stack while a fiber runs
+#else
     ucontext_t scheduler;
 #endif
 
@@ -291,32 +295,27 @@ void prepare_stack(Worker& w, Fiber& f, int i) {
 #endif
 }
 
-#if defined(PA_EMU_FCONTEXT)
-namespace ctx = boost::context::detail;
-
-void fiber_entry(ctx::transfer_t t) {
-    Fiber* f = static_cast<Fiber*>(t.data);
-    f->caller = t.fctx;
+#if defined(PA_EMU_OWN_SWITCH)
+void fiber_entry(void* arg) {
+    Fiber* f = static_cast<Fiber*>(arg);
     asan_arrived_in_fiber(*t_worker, *f);
     run_thread_body(f);
     asan_leave_fiber(*t_worker, *f, true);
-    ctx::jump_fcontext(f->caller, nullptr);  // never resumed again
+    pa_fiber_switch(&f->sp, t_worker->scheduler_sp);  // never resumed again
 }
 void start_fiber(Worker& w, Fiber& f, int i) {
     prepare_stack(w, f, i);
-    f.context = ctx::make_fcontext(w.stack_base(i) + kStackBytes, kStackBytes, fiber_entry);
+    f.sp = pa_fiber_init(w.stack_base(i) + kStackBytes, fiber_entry, &f);
 }
 void resume(Worker& w, Fiber& f) {
     asan_enter_fiber(w, f);
-    ctx::transfer_t t = ctx::jump_fcontext(f.context, &f);
+    pa_fiber_switch(&w.scheduler_sp, f.sp);
     asan_back_in_scheduler(w);
-    f.context = t.fctx;
 }
 void yield(Worker& w, Fiber& f) {
     asan_leave_fiber(w, f, false);
-    ctx::transfer_t t = ctx::jump_fcontext(f.caller, nullptr);
+    pa_fiber_switch(&f.sp, w.scheduler_sp);
     asan_arrived_in_fiber(w, f);
-    f.caller = t.fctx;
 }
 #else
 void fiber_entry() {
@@ -781,6 +780,15 @@ unsigned char* module_tls_block(size_t* size) {
 }  // namespace
 
 int worker_count() { return pool().size(); }
+const char* fiber_switch_name() {
+#if defined(PA_EMU_OWN_SWITCH) && defined(__x86_64__)
+    return "own (x86-64)";
+#elif defined(PA_EMU_OWN_SWITCH)
+    return "own (aarch64)";
+#else
+    return "ucontext";
+#endif
+}
 
 long long kernel_static_shared_bytes(const void* kernel) { return static_shared(kernel).bytes; }
 
