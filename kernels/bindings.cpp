@@ -631,6 +631,13 @@ void selftest_atomics(py::handle x, py::handle counters, uintptr_t stream) {
     pa::selftest_atomics(static_cast<const int*>(ax.data), static_cast<int*>(ac.data), n, stream_arg(stream));
 }
 
+void selftest_intrinsics(py::handle out, uintptr_t stream) {
+    const Array aout = array_arg(out, "out", "u4", true, stream);
+    expect_shape(aout, "out", {48 * 28});
+    py::gil_scoped_release nogil;
+    pa::selftest_intrinsics(static_cast<unsigned*>(aout.data), stream_arg(stream));
+}
+
 void selftest_exited_lanes(py::handle x, py::handle out, uintptr_t stream) {
     const Array ax = array_arg(x, "x", "f4", false, stream), aout = array_arg(out, "out", "f4", true, stream);
     expect_shape(ax, "x", {48});
@@ -845,6 +852,7 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("selftest_atomics", &selftest_atomics, py::arg("x"), py::arg("counters"), s);
     m.def("selftest_planted", &selftest_planted, py::arg("fault"), py::arg("scratch"));
     m.def("selftest_exited_lanes", &selftest_exited_lanes, py::arg("x"), py::arg("out"), s);
+    m.def("selftest_intrinsics", &selftest_intrinsics, py::arg("out"), s);
     m.def("selftest_uninitialised_shared", &selftest_uninitialised_shared, py::arg("out"), s);
     m.def("selftest_static_shared_bytes", &pa::selftest_static_shared_bytes);
     m.def("selftest_index64", &selftest_index64, py::arg("x"), py::arg("y"), s);

@@ -1,7 +1,10 @@
+// Device-side assert is on in this file whatever the build type (planted_assert below).
+#undef NDEBUG
 // Test-only kernels. The first four are ordinary, correct CUDA that exercise one emulator mechanism each
 // (they run on the GPU too, so the same test checks both backends). The planted faults below them are
 // deliberately wrong, to prove that the emulator reports each fault instead of hanging or crashing; they
 // are launched on the emulator only (on a GPU several would hang).
+#include <cassert>  // before common.cuh: the emulator redefines assert as a KernelError
 #include <cstring>
 
 #include "common.cuh"
@@ -129,6 +132,64 @@ __global__ void selftest_exited_lanes_kernel(const float* x, float* out) {
 
 void selftest_exited_lanes(const float* x, float* out, Stream stream) {
     PA_LAUNCH(selftest_exited_lanes_kernel, 1, 48, 0, as_stream(stream), x, out);
+}
+
+// ---- the less common intrinsics, one block of 48 threads (the second warp partial) ---------------------------
+// out[t * kIntrinsicSlots + k], as tests/test_intrinsics.py spells out slot by slot.
+constexpr int kIntrinsicSlots = 28;
+
+__global__ void __launch_bounds__(64) selftest_intrinsics_kernel(unsigned* out) {
+    __shared__ unsigned counters[5];  // atomicInc, atomicDec, atomicAnd, atomicOr, atomicXor
+    __shared__ int flag;
+    const unsigned t = threadIdx.x;
+    unsigned* o = out + t * kIntrinsicSlots;
+    if (t == 0) {
+        counters[0] = 0, counters[1] = 0, counters[2] = ~0u, counters[3] = 0, counters[4] = 0;
+        flag = 0;
+    }
+    __syncthreads();
+    const long long c0 = clock64();
+    o[0] = __brev(t * 0x01234567u + 1u);
+    const unsigned lo = 0x89abcdefu * t, hi = 0x01234567u + t;
+    o[1] = __funnelshift_l(lo, hi, t);
+    o[2] = __funnelshift_lc(lo, hi, t);
+    o[3] = __funnelshift_r(lo, hi, t);
+    o[4] = __funnelshift_rc(lo, hi, t);
+    const float f = (float(t) - 24.0f) * 0.75f;
+    o[5] = unsigned(__float2int_rn(f));
+    o[6] = unsigned(__float2int_rz(f));
+    o[7] = unsigned(__float2int_ru(f));
+    o[8] = unsigned(__float2int_rd(f));
+    o[9] = __float2uint_rn(f);  // negative: clamped to 0
+    o[10] = __match_any_sync(0xffffffffu, t % 5);
+    int all_same = -1;
+    o[11] = __match_all_sync(0xffffffffu, t / 32, &all_same);
+    o[12] = unsigned(all_same);
+    o[13] = __reduce_add_sync(0xffffffffu, t);
+    o[14] = unsigned(__reduce_min_sync(0xffffffffu, int(t) - 20));
+    o[15] = __reduce_max_sync(0xffffffffu, t * 7 % 13);
+    o[16] = __reduce_xor_sync(0xffffffffu, t * t);
+    o[17] = __activemask();
+    o[18] = unsigned(__syncthreads_count(t % 3 == 0));
+    o[19] = unsigned(__syncthreads_and(t < 100));
+    o[20] = unsigned(__syncthreads_or(t == 47));
+    atomicInc(&counters[0], 9u);
+    atomicDec(&counters[1], 9u);
+    atomicAnd(&counters[2], ~(1u << (t % 32)));
+    atomicOr_block(&counters[3], 1u << (t % 32));
+    atomicXor_system(&counters[4], t);
+    // A spin-wait on another thread of the block: legal since Volta; the emulator must let thread 47 run.
+    if (t == 0)
+        while (atomicAdd(&flag, 0) == 0) __nanosleep(100);
+    if (t == 47) atomicExch(&flag, 1);
+    __syncthreads();
+    for (int k = 0; k < 5; ++k) o[21 + k] = atomicAdd(&counters[k], 0u);
+    o[26] = atomicAdd(&flag, 0);
+    o[27] = clock64() >= c0;
+}
+
+void selftest_intrinsics(unsigned* out, Stream stream) {
+    PA_LAUNCH(selftest_intrinsics_kernel, 1, 48, 0, as_stream(stream), out);
 }
 
 // ---- shared memory read before it is written: what a block finds there (the emulator poisons it) -------------
@@ -273,6 +334,12 @@ __global__ void planted_reads_exited_lane(float* s) {
     s[threadIdx.x] = __shfl_down_sync(0xffffffffu, s[threadIdx.x], 16);
 }
 
+
+// A device-side assert that fails in thread 5 only.
+__global__ void planted_assert(float* s) {
+    assert(threadIdx.x != 5);
+    s[threadIdx.x] = 1.0f;
+}
 
 __global__ void planted_trivial(float* s) {
     if (threadIdx.x == 0 && blockIdx.x == 0) s[0] = 1.0f;
@@ -433,6 +500,7 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "inactive_lane") PA_LAUNCH(planted_inactive_lane, 1, 32, 0, st, s);
     else if (f == "mask_mismatch") PA_LAUNCH(planted_mask_mismatch, 1, 32, 0, st, s);
     else if (f == "reads_exited_lane") PA_LAUNCH(planted_reads_exited_lane, 1, 32, 0, st, s);
+    else if (f == "assert") PA_LAUNCH(planted_assert, 1, 32, 0, st, s);
 
     else if (f == "too_many_threads") PA_LAUNCH(planted_trivial, 1, 2048, 0, st, s);
     else if (f == "grid_too_large") PA_LAUNCH(planted_trivial, dim3(1, 70000), 32, 0, st, s);

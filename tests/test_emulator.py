@@ -74,6 +74,7 @@ PLANTED = {
     "reads_exited_lane": r"__shfl_down_sync at kernels/selftest\.cu:\d+, thread \(0,0,0\) \(lane 0\): reads lane 16, "
     r"which has exited",
     "stack_overflow": r"thread \(7,0,0\) overflowed its \d+ KB emulator stack",
+    "assert": r"assertion failed at kernels/selftest\.cu:\d+, thread \(5,0,0\): threadIdx\.x != 5",
 }
 
 
@@ -89,7 +90,7 @@ def test_planted_fault_is_reported(fault):
     if fault != "dynamic_shared_over_optin":  # that one fails before any launch
         assert "kernel planted_" in message and "launched at kernels/selftest.cu:" in message
     if fault in ("divergent_barrier", "exit_before_barrier", "deadlock", "inactive_lane", "mask_mismatch",
-                 "reads_exited_lane", "stack_overflow"):
+                 "reads_exited_lane", "stack_overflow", "assert"):
         assert "block (0,0,0)" in message
     # The pool survives a fault: the next launch works.
     test_tiled_gemm_in_shared_memory(np.random.default_rng(0), 5, 6, 7)

@@ -13,11 +13,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>  // first, so that the device assert below is the one kernel code gets
+#include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -92,6 +96,63 @@ inline unsigned __umulhi(unsigned a, unsigned b) {
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
     return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
 }
+inline unsigned __brev(unsigned v) {
+    v = (v >> 1 & 0x55555555u) | (v & 0x55555555u) << 1;
+    v = (v >> 2 & 0x33333333u) | (v & 0x33333333u) << 2;
+    v = (v >> 4 & 0x0f0f0f0fu) | (v & 0x0f0f0f0fu) << 4;
+    return __builtin_bswap32(v);
+}
+inline unsigned long long __brevll(unsigned long long v) {
+    return static_cast<unsigned long long>(__brev(unsigned(v))) << 32 | __brev(unsigned(v >> 32));
+}
+// hi:lo as 64 bits shifted by the shift amount: _l and _r take it mod 32, _lc and _rc clamp it to 32.
+inline unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned shift) {
+    return unsigned(((static_cast<unsigned long long>(hi) << 32 | lo) << (shift & 31)) >> 32);
+}
+inline unsigned __funnelshift_lc(unsigned lo, unsigned hi, unsigned shift) {
+    const unsigned s = shift < 32 ? shift : 32;
+    return unsigned(((static_cast<unsigned long long>(hi) << 32 | lo) << s) >> 32);
+}
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
+    return unsigned((static_cast<unsigned long long>(hi) << 32 | lo) >> (shift & 31));
+}
+inline unsigned __funnelshift_rc(unsigned lo, unsigned hi, unsigned shift) {
+    const unsigned s = shift < 32 ? shift : 32;
+    return unsigned((static_cast<unsigned long long>(hi) << 32 | lo) >> s);
+}
+// Float to integer as cvt.rni/rzi/rpi/rmi do: rounded in the named direction (rn: to nearest, ties to even),
+// then clamped to the integer type's range; NaN becomes 0.
+namespace pa_emu {
+template <class I, class F>
+inline I float_to_int(F x, F (*round)(F)) {
+    if (std::isnan(x)) return 0;
+    const F r = round(x);
+    if (r <= F(std::numeric_limits<I>::min())) return std::numeric_limits<I>::min();
+    if (r >= F(std::numeric_limits<I>::max())) return std::numeric_limits<I>::max();
+    return static_cast<I>(r);
+}
+inline float rn(float x) { return std::nearbyint(x); }  // the default rounding mode: nearest, ties to even
+inline double rn(double x) { return std::nearbyint(x); }
+}  // namespace pa_emu
+#define PA_EMU_FLOAT_TO_INT(F, fname, I, iname)                                                                  \
+    inline I __##fname##2##iname##_rn(F x) { return pa_emu::float_to_int<I, F>(x, pa_emu::rn); }                \
+    inline I __##fname##2##iname##_rz(F x) { return pa_emu::float_to_int<I, F>(x, std::trunc); }               \
+    inline I __##fname##2##iname##_ru(F x) { return pa_emu::float_to_int<I, F>(x, std::ceil); }                \
+    inline I __##fname##2##iname##_rd(F x) { return pa_emu::float_to_int<I, F>(x, std::floor); }
+PA_EMU_FLOAT_TO_INT(float, float, int, int)
+PA_EMU_FLOAT_TO_INT(float, float, unsigned, uint)
+PA_EMU_FLOAT_TO_INT(float, float, long long, ll)
+PA_EMU_FLOAT_TO_INT(float, float, unsigned long long, ull)
+PA_EMU_FLOAT_TO_INT(double, double, int, int)
+PA_EMU_FLOAT_TO_INT(double, double, unsigned, uint)
+PA_EMU_FLOAT_TO_INT(double, double, long long, ll)
+PA_EMU_FLOAT_TO_INT(double, double, unsigned long long, ull)
+#undef PA_EMU_FLOAT_TO_INT
+// A clock that only goes forward, in nanoseconds (the GPU's counts cycles: only differences mean anything).
+inline long long clock64() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 // expf, logf, sqrtf, fabsf, fmaxf, fminf, powf come from the C library through <cmath>.
@@ -112,32 +173,108 @@ inline double min(double a, double b) { return std::fmin(a, b); }
 inline double max(double a, double b) { return std::fmax(a, b); }
 
 // ---- atomics: blocks run concurrently on different workers, so these are real host atomics -------------
+// Each exists for the types CUDA defines it for, and no others: an atomicAnd on a float fails to compile here as
+// it does under nvcc. The _block and _system scopes are the same operation on one CPU process.
+namespace pa_emu {
+template <class T, class... Allowed>
+inline constexpr bool one_of = (std::is_same_v<T, Allowed> || ...);
 template <class T>
-inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed); }
+inline constexpr bool add_type = one_of<T, int, unsigned, unsigned long long, float, double>;
 template <class T>
-inline T atomicSub(T* p, T v) { return std::atomic_ref<T>(*p).fetch_sub(v, std::memory_order_relaxed); }
+inline constexpr bool minmax_type = one_of<T, int, unsigned, long long, unsigned long long>;
 template <class T>
-inline T atomicExch(T* p, T v) { return std::atomic_ref<T>(*p).exchange(v, std::memory_order_relaxed); }
+inline constexpr bool bitwise_type = one_of<T, int, unsigned, unsigned long long>;
 template <class T>
-inline T atomicCAS(T* p, T compare, T v) {
-    std::atomic_ref<T>(*p).compare_exchange_strong(compare, v, std::memory_order_relaxed);
-    return compare;  // the old value, as on the GPU
-}
-// Replaces *p with v while v beats it; returns the old value.
-template <class T, class Beats>
-inline T atomic_replace_while(T* p, T v, Beats beats) {
+inline constexpr bool exch_type = one_of<T, int, unsigned, unsigned long long, float>;
+template <class T>
+inline constexpr bool cas_type = one_of<T, int, unsigned, unsigned long long, unsigned short>;
+// Replaces *p with next(old) until the CAS takes (or next leaves it as it is); returns the old value.
+template <class T, class Next>
+inline T atomic_update(T* p, Next next) {
     std::atomic_ref<T> a(*p);
     T old = a.load(std::memory_order_relaxed);
-    while (beats(v, old) && !a.compare_exchange_weak(old, v, std::memory_order_relaxed)) {
+    while (next(old) != old && !a.compare_exchange_weak(old, next(old), std::memory_order_relaxed)) {
     }
     return old;
 }
+}  // namespace pa_emu
 template <class T>
-inline T atomicMax(T* p, T v) { return atomic_replace_while(p, v, [](T a, T b) { return b < a; }); }
+inline T atomicAdd(T* p, T v) {
+    static_assert(pa_emu::add_type<T>, "atomicAdd: CUDA has it for int, unsigned, unsigned long long, float, double");
+    return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
+}
 template <class T>
-inline T atomicMin(T* p, T v) { return atomic_replace_while(p, v, [](T a, T b) { return a < b; }); }
+inline T atomicSub(T* p, T v) {
+    static_assert(pa_emu::one_of<T, int, unsigned>, "atomicSub: CUDA has it for int and unsigned");
+    return std::atomic_ref<T>(*p).fetch_sub(v, std::memory_order_relaxed);
+}
+template <class T>
+inline T atomicExch(T* p, T v) {
+    static_assert(pa_emu::exch_type<T>, "atomicExch: CUDA has it for int, unsigned, unsigned long long, float");
+    return std::atomic_ref<T>(*p).exchange(v, std::memory_order_relaxed);
+}
+template <class T>
+inline T atomicCAS(T* p, T compare, T v) {
+    static_assert(pa_emu::cas_type<T>, "atomicCAS: CUDA has it for int, unsigned, unsigned long long, unsigned short");
+    std::atomic_ref<T>(*p).compare_exchange_strong(compare, v, std::memory_order_relaxed);
+    return compare;  // the old value, as on the GPU
+}
+template <class T>
+inline T atomicMax(T* p, T v) {
+    static_assert(pa_emu::minmax_type<T>, "atomicMax: CUDA has it for int, unsigned, long long, unsigned long long");
+    return pa_emu::atomic_update(p, [v](T old) { return old < v ? v : old; });
+}
+template <class T>
+inline T atomicMin(T* p, T v) {
+    static_assert(pa_emu::minmax_type<T>, "atomicMin: CUDA has it for int, unsigned, long long, unsigned long long");
+    return pa_emu::atomic_update(p, [v](T old) { return v < old ? v : old; });
+}
+template <class T>
+inline T atomicAnd(T* p, T v) {
+    static_assert(pa_emu::bitwise_type<T>, "atomicAnd: CUDA has it for int, unsigned, unsigned long long");
+    return std::atomic_ref<T>(*p).fetch_and(v, std::memory_order_relaxed);
+}
+template <class T>
+inline T atomicOr(T* p, T v) {
+    static_assert(pa_emu::bitwise_type<T>, "atomicOr: CUDA has it for int, unsigned, unsigned long long");
+    return std::atomic_ref<T>(*p).fetch_or(v, std::memory_order_relaxed);
+}
+template <class T>
+inline T atomicXor(T* p, T v) {
+    static_assert(pa_emu::bitwise_type<T>, "atomicXor: CUDA has it for int, unsigned, unsigned long long");
+    return std::atomic_ref<T>(*p).fetch_xor(v, std::memory_order_relaxed);
+}
+// ((old >= v) ? 0 : old + 1) and (((old == 0) || (old > v)) ? v : old - 1), as the programming guide defines them.
+template <class T>
+inline T atomicInc(T* p, T v) {
+    static_assert(std::is_same_v<T, unsigned>, "atomicInc: CUDA has it for unsigned only");
+    return pa_emu::atomic_update(p, [v](T old) { return old >= v ? 0u : old + 1u; });
+}
+template <class T>
+inline T atomicDec(T* p, T v) {
+    static_assert(std::is_same_v<T, unsigned>, "atomicDec: CUDA has it for unsigned only");
+    return pa_emu::atomic_update(p, [v](T old) { return (old == 0u || old > v) ? v : old - 1u; });
+}
+#define PA_EMU_SCOPED(op)                                                                    \
+    template <class T, class... A>                                                          \
+    inline T op##_block(T* p, A... a) { return op(p, static_cast<T>(a)...); }              \
+    template <class T, class... A>                                                          \
+    inline T op##_system(T* p, A... a) { return op(p, static_cast<T>(a)...); }
+PA_EMU_SCOPED(atomicAdd)
+PA_EMU_SCOPED(atomicSub)
+PA_EMU_SCOPED(atomicExch)
+PA_EMU_SCOPED(atomicCAS)
+PA_EMU_SCOPED(atomicMax)
+PA_EMU_SCOPED(atomicMin)
+PA_EMU_SCOPED(atomicAnd)
+PA_EMU_SCOPED(atomicOr)
+PA_EMU_SCOPED(atomicXor)
+PA_EMU_SCOPED(atomicInc)
+PA_EMU_SCOPED(atomicDec)
+#undef PA_EMU_SCOPED
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() {}
+inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // ---- the runtime's interface to kernel code -------------------------------------------------------------
 namespace pa_emu {
@@ -151,9 +288,20 @@ extern __thread dim3 t_block_dim;
 extern __thread dim3 t_grid_dim;
 extern __thread unsigned char* t_dynamic_shared;
 
-enum class Collective : int { SyncWarp, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
+enum class Collective : int {
+    SyncWarp, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All,
+    MatchAny, MatchAll, ReduceAdd, ReduceMin, ReduceMax, ReduceAnd, ReduceOr, ReduceXor,
+};
 
 void syncthreads(const char* file, int line);
+// __syncthreads_count: the barrier, then how many threads of the block brought a nonzero predicate.
+int syncthreads_count(const char* file, int line, int predicate);
+// The lanes of the calling warp that exist and have not exited (see __activemask below).
+unsigned active_mask();
+// __nanosleep: the calling thread lets the others of its block run (a thread that polls a flag set by another
+// one of its block must, on a cooperative scheduler).
+void nanosleep_yield();
+[[noreturn]] void device_assert_failed(const char* expression, const char* file, int line);
 // Every lane of `mask` must call the same collective; the result for the calling lane comes back.
 // `value` carries up to 8 bytes of the lane's operand (a predicate for votes); `arg` is srcLane/delta/laneMask.
 uint64_t warp_collective(Collective kind, const char* file, int line, unsigned mask, uint64_t value,
@@ -191,6 +339,36 @@ struct Site {
         return int(warp_collective(Collective::All, file, line, mask, pred != 0, 0, 32));
     }
     void syncwarp(unsigned mask = 0xffffffffu) const { warp_collective(Collective::SyncWarp, file, line, mask, 0, 0, 32); }
+    template <class T>
+    unsigned match_any(unsigned mask, T v) const {
+        static_assert(one_of<T, int, unsigned, long, unsigned long, long long, unsigned long long, float, double>,
+                      "__match_any_sync: CUDA has it for 32- and 64-bit integers and floating point");
+        return unsigned(warp_collective(Collective::MatchAny, file, line, mask, bits(v), 0, 32));
+    }
+    template <class T>
+    unsigned match_all(unsigned mask, T v, int* pred) const {
+        static_assert(one_of<T, int, unsigned, long, unsigned long, long long, unsigned long long, float, double>,
+                      "__match_all_sync: CUDA has it for 32- and 64-bit integers and floating point");
+        const unsigned r = unsigned(warp_collective(Collective::MatchAll, file, line, mask, bits(v), 0, 32));
+        *pred = r != 0;
+        return r;
+    }
+    // __reduce_*_sync: add, min and max for int and unsigned (signed comparison for int), and, or, xor for
+    // unsigned; arg 1 marks a signed operand.
+    template <class T>
+    T reduce(Collective kind, unsigned mask, T v) const {
+        static_assert(one_of<T, int, unsigned>, "__reduce_*_sync: CUDA has them for int and unsigned");
+        return T(warp_collective(kind, file, line, mask, uint32_t(v), std::is_signed_v<T>, 32));
+    }
+    unsigned reduce_bits(Collective kind, unsigned mask, unsigned v) const { return reduce(kind, mask, v); }
+
+  private:
+    template <class T>
+    static uint64_t bits(T v) {
+        uint64_t b = 0;
+        std::memcpy(&b, &v, sizeof(T));
+        return b;
+    }
 };
 
 // Launch bookkeeping.
@@ -238,6 +416,31 @@ long long kernel_static_shared_bytes(const void* kernel);
 #define __ballot_sync(...) (pa_emu::Site{__FILE__, __LINE__}.ballot(__VA_ARGS__))
 #define __any_sync(...) (pa_emu::Site{__FILE__, __LINE__}.any(__VA_ARGS__))
 #define __all_sync(...) (pa_emu::Site{__FILE__, __LINE__}.all(__VA_ARGS__))
+#define __match_any_sync(...) (pa_emu::Site{__FILE__, __LINE__}.match_any(__VA_ARGS__))
+#define __match_all_sync(...) (pa_emu::Site{__FILE__, __LINE__}.match_all(__VA_ARGS__))
+#define __reduce_add_sync(mask, v) (pa_emu::Site{__FILE__, __LINE__}.reduce(pa_emu::Collective::ReduceAdd, mask, v))
+#define __reduce_min_sync(mask, v) (pa_emu::Site{__FILE__, __LINE__}.reduce(pa_emu::Collective::ReduceMin, mask, v))
+#define __reduce_max_sync(mask, v) (pa_emu::Site{__FILE__, __LINE__}.reduce(pa_emu::Collective::ReduceMax, mask, v))
+#define __reduce_and_sync(mask, v) (pa_emu::Site{__FILE__, __LINE__}.reduce_bits(pa_emu::Collective::ReduceAnd, mask, v))
+#define __reduce_or_sync(mask, v) (pa_emu::Site{__FILE__, __LINE__}.reduce_bits(pa_emu::Collective::ReduceOr, mask, v))
+#define __reduce_xor_sync(mask, v) (pa_emu::Site{__FILE__, __LINE__}.reduce_bits(pa_emu::Collective::ReduceXor, mask, v))
+#define __syncthreads_count(p) pa_emu::syncthreads_count(__FILE__, __LINE__, (p))
+#define __syncthreads_and(p) \
+    int(pa_emu::syncthreads_count(__FILE__, __LINE__, (p)) == int(blockDim.x * blockDim.y * blockDim.z))
+#define __syncthreads_or(p) int(pa_emu::syncthreads_count(__FILE__, __LINE__, (p)) != 0)
+// On a GPU, the lanes converged at the call. The emulator does not track divergence inside a warp: it answers
+// with every lane of the warp that exists and has not exited, the most a GPU could answer (so a mask taken from
+// it never leaves out a lane that is running).
+#define __activemask() pa_emu::active_mask()
+#define __nanosleep(ns) ((void)(ns), pa_emu::nanosleep_yield())
+// Device-side assert: a failure is a KernelError naming the expression, the file:line and the thread, and ends
+// the launch, as on the GPU (where it ends the context). Off under NDEBUG, as with nvcc.
+#undef assert
+#if defined(NDEBUG)
+#define assert(e) ((void)0)
+#else
+#define assert(e) ((e) ? (void)0 : pa_emu::device_assert_failed(#e, __FILE__, __LINE__))
+#endif
 
 // Dynamic shared memory: one per kernel, as `extern __shared__` is on the GPU.
 #define PA_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(pa_emu::t_dynamic_shared)

@@ -113,6 +113,7 @@ struct Fiber {
     State state = State::Done;
     const char* file = nullptr;  // where it waits
     int line = 0;
+    int barrier_predicate = 0;  // what it brought to the barrier it waits at (__syncthreads_count)
     Group* group = nullptr;
 #if PA_EMU_ASAN
     void* fake_stack = nullptr;      // ASan's bookkeeping while the fiber is switched out
@@ -149,6 +150,14 @@ const char* collective_name(Collective k) {
         case Collective::Ballot: return "__ballot_sync";
         case Collective::Any: return "__any_sync";
         case Collective::All: return "__all_sync";
+        case Collective::MatchAny: return "__match_any_sync";
+        case Collective::MatchAll: return "__match_all_sync";
+        case Collective::ReduceAdd: return "__reduce_add_sync";
+        case Collective::ReduceMin: return "__reduce_min_sync";
+        case Collective::ReduceMax: return "__reduce_max_sync";
+        case Collective::ReduceAnd: return "__reduce_and_sync";
+        case Collective::ReduceOr: return "__reduce_or_sync";
+        case Collective::ReduceXor: return "__reduce_xor_sync";
     }
     return "?";
 }
@@ -188,6 +197,7 @@ struct Worker {
 #endif
     const std::function<void()>* body = nullptr;
     std::string error;  // the first fault of the current block, empty if none
+    int barrier_count = 0;  // the last released barrier's count of nonzero predicates (__syncthreads_count)
 #if defined(PA_EMU_OWN_SWITCH)
     void* scheduler_sp = nullptr;  // the worker's own stack while a fiber runs
 #else
@@ -402,6 +412,8 @@ void resolve_stall(Worker& w) {
             return;
         }
     }
+    w.barrier_count = 0;
+    for (int i = 0; i < n; ++i) w.barrier_count += w.fibers[i].barrier_predicate != 0;
     for (int i = 0; i < n; ++i) {
         w.fibers[i].state = State::Runnable;
 #if PA_EMU_RACE
@@ -801,7 +813,11 @@ void set_max_dynamic_shared(const void* kernel, size_t bytes) {
 }
 
 // ---- what kernel code calls ----------------------------------------------------------------------------------
-void syncthreads(const char* file, int line) {
+void syncthreads(const char* file, int line) { syncthreads_count(file, line, 0); }
+
+// The count is the worker's, set when the barrier releases: it stays valid until every thread has read it,
+// because the next release needs every thread at the next barrier.
+int syncthreads_count(const char* file, int line, int predicate) {
 #if PA_EMU_RACE
     const race::Pause runtime_code;
 #endif
@@ -809,7 +825,22 @@ void syncthreads(const char* file, int line) {
     f.state = State::AtBarrier;
     f.file = file;
     f.line = line;
+    f.barrier_predicate = predicate;
     block_until_runnable(f);
+    return t_worker->barrier_count;
+}
+
+unsigned active_mask() { return ~t_worker->exited[t_fiber->linear / 32]; }
+
+void nanosleep_yield() {
+#if PA_EMU_RACE
+    const race::Pause runtime_code;
+#endif
+    block_until_runnable(*t_fiber);  // still Runnable: the scheduler comes back to it after the others
+}
+
+void device_assert_failed(const char* expression, const char* file, int line) {
+    throw pa::KernelError("assertion failed at " + site(file, line) + ", " + thread_at(*t_fiber) + ": " + expression);
 }
 
 namespace {
@@ -843,11 +874,41 @@ void complete(Worker& w, Group& g, int warp) {
     unsigned ballot = 0;
     for (int lane = 0; lane < 32; ++lane)
         if ((g.arrived >> lane & 1u) && g.value[lane]) ballot |= 1u << lane;
+    // The reductions and the all-match, over the lanes that arrived (the exited ones of the mask do not count).
+    bool all_match = true;
+    uint32_t r_add = 0, r_and = ~0u, r_or = 0, r_xor = 0;
+    uint32_t r_umin = ~0u, r_umax = 0;
+    int32_t r_smin = INT32_MAX, r_smax = INT32_MIN;
+    int first = -1;
+    for (int lane = 0; lane < 32; ++lane) {
+        if (!(g.arrived >> lane & 1u)) continue;
+        if (first < 0) first = lane;
+        all_match = all_match && g.value[lane] == g.value[first];
+        const uint32_t v = uint32_t(g.value[lane]);
+        r_add += v, r_and &= v, r_or |= v, r_xor ^= v;
+        r_umin = std::min(r_umin, v), r_umax = std::max(r_umax, v);
+        r_smin = std::min(r_smin, int32_t(v)), r_smax = std::max(r_smax, int32_t(v));
+    }
+    const bool is_signed = first >= 0 && g.arg[first] != 0;
     for (int lane = 0; lane < 32; ++lane) {
         if (!(g.arrived >> lane & 1u)) continue;
         const Fiber& reader = w.fibers[warp * 32 + lane];
         switch (g.kind) {
             case Collective::SyncWarp: g.out[lane] = 0; break;
+            case Collective::MatchAny: {
+                unsigned same = 0;
+                for (int other = 0; other < 32; ++other)
+                    if ((g.arrived >> other & 1u) && g.value[other] == g.value[lane]) same |= 1u << other;
+                g.out[lane] = same;
+                break;
+            }
+            case Collective::MatchAll: g.out[lane] = all_match ? g.arrived : 0u; break;
+            case Collective::ReduceAdd: g.out[lane] = r_add; break;
+            case Collective::ReduceMin: g.out[lane] = is_signed ? uint32_t(r_smin) : r_umin; break;
+            case Collective::ReduceMax: g.out[lane] = is_signed ? uint32_t(r_smax) : r_umax; break;
+            case Collective::ReduceAnd: g.out[lane] = r_and; break;
+            case Collective::ReduceOr: g.out[lane] = r_or; break;
+            case Collective::ReduceXor: g.out[lane] = r_xor; break;
             case Collective::Ballot: g.out[lane] = ballot; break;
             case Collective::Any: g.out[lane] = ballot != 0; break;
             case Collective::All: g.out[lane] = ballot == g.arrived; break;
