@@ -454,6 +454,44 @@ __global__ void planted_race_bytes(float* s) {
     }
 }
 
+// Uninitialised shared memory (the race-check build's initcheck), each fault with its corrected twin:
+//   uninit_tile:     thread 63 skips its store, thread 0 reads tile[63] after the barrier (twin: all store);
+//   uninit_helper:   a __device__ helper reads dynamic shared memory that only block 0 wrote: block 1 finds
+//                    block 0's values (twin: every block writes its own);
+//   uninit_bytes:    bytes stored one by one, then read as a word of which one byte was never stored (twin: all).
+template <bool FIXED>
+__global__ void planted_uninit_tile(float* s) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    if (FIXED || t != 63) tile[t] = s[t];
+    __syncthreads();
+    if (t == 0) s[64] = tile[63];
+}
+
+__device__ float planted_helper_read_dynamic(int i) {
+    PA_DYNAMIC_SHARED(float, dynamic);
+    return dynamic[i];
+}
+
+template <bool FIXED>
+__global__ void planted_uninit_helper(float* s) {
+    PA_DYNAMIC_SHARED(float, dynamic);
+    const int t = threadIdx.x;
+    if (FIXED || blockIdx.x == 0) dynamic[t] = s[t];
+    __syncthreads();
+    s[128 + 64 * blockIdx.x + t] = planted_helper_read_dynamic(63 - t);
+}
+
+template <bool FIXED>
+__global__ void planted_uninit_bytes(float* s) {
+    __shared__ unsigned words[16];
+    unsigned char* bytes = reinterpret_cast<unsigned char*>(words);
+    const int t = threadIdx.x;
+    if (FIXED || t != 6) bytes[t] = static_cast<unsigned char>(t);
+    __syncthreads();
+    if (t < 16) s[t] = float(words[t]);  // word 1 holds byte 6
+}
+
 __global__ void planted_race_partial_syncwarp(float* s) {
     __shared__ float tile[64];
     const int t = threadIdx.x;
@@ -523,6 +561,12 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "race_store_after_atomics") PA_LAUNCH(planted_race_store_after_atomics, 1, 64, 0, st, s);
     else if (f == "race_between_blocks") PA_LAUNCH(planted_race_between_blocks<false>, 4, 64, 0, st, s);
     else if (f == "race_control_between_blocks") PA_LAUNCH(planted_race_between_blocks<true>, 4, 64, 0, st, s);
+    else if (f == "uninit_tile") PA_LAUNCH(planted_uninit_tile<false>, 1, 64, 0, st, s);
+    else if (f == "uninit_control_tile") PA_LAUNCH(planted_uninit_tile<true>, 1, 64, 0, st, s);
+    else if (f == "uninit_helper") PA_LAUNCH(planted_uninit_helper<false>, 2, 64, 64 * sizeof(float), st, s);
+    else if (f == "uninit_control_helper") PA_LAUNCH(planted_uninit_helper<true>, 2, 64, 64 * sizeof(float), st, s);
+    else if (f == "uninit_bytes") PA_LAUNCH(planted_uninit_bytes<false>, 1, 64, 0, st, s);
+    else if (f == "uninit_control_bytes") PA_LAUNCH(planted_uninit_bytes<true>, 1, 64, 0, st, s);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
     else if (f == "global_overflow") PA_LAUNCH(planted_global_overflow, 1, 32, 0, st, s);

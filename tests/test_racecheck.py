@@ -87,6 +87,41 @@ def test_the_corrected_kernel_is_not_reported(control):
         np.testing.assert_array_equal(scratch[64:128], np.arange(64, dtype=np.float32)[np.arange(64) ^ 1])
 
 
+# fault -> (the reading thread and block, the line's text): shared memory read that its block never wrote.
+UNINITIALISED = {
+    "uninit_tile": ("thread (0,0,0) of block (0,0,0)", "if (t == 0) s[64] = tile[63];"),
+    # The read is inside the __device__ helper; block 0 wrote the dynamic shared memory, block 1 did not.
+    "uninit_helper": ("thread (0,0,0) of block (1,0,0)", "return dynamic[i];"),
+    "uninit_bytes": ("thread (1,0,0) of block (0,0,0)", "if (t < 16) s[t] = float(words[t]);"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(UNINITIALISED))
+def test_an_uninitialised_shared_read_is_reported(fault, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    reader, text = UNINITIALISED[fault]
+    with pytest.raises(pa.KernelError) as info:
+        mod.selftest_planted(fault, np.arange(1024, dtype=np.float32))
+    msg = str(info.value)
+    assert "kernel planted_uninit_" in msg and "uninitialised shared memory at 0x" in msg, msg
+    assert f"{reader} reads it at kernels/selftest.cu:" in msg and "no thread of its block wrote it" in msg, msg
+    sites = re.findall(r"at (kernels/selftest\.cu:\d+)", msg)
+    assert len(sites) == 2 and text in _source_line(sites[1]), (msg, sites)
+
+
+def test_the_initialised_twins_are_not_reported():
+    s = np.arange(1024, dtype=np.float32)
+    mod.selftest_planted("uninit_control_tile", s)
+    assert s[64] == 63.0
+    s = np.arange(1024, dtype=np.float32)
+    mod.selftest_planted("uninit_control_helper", s)
+    np.testing.assert_array_equal(s[128:256], np.tile(np.arange(63, -1, -1, dtype=np.float32), 2))
+    s = np.arange(1024, dtype=np.float32)
+    mod.selftest_planted("uninit_control_bytes", s)
+    expect = np.arange(64, dtype=np.uint8).view("<u4")[:16].astype(np.float32)
+    np.testing.assert_array_equal(s[:16], expect)
+
+
 def test_a_race_does_not_poison_the_next_launch():
     scratch = np.arange(1024, dtype=np.float32)
     with pytest.raises(pa.KernelError, match="data race"):

@@ -85,7 +85,16 @@ struct Race {
     bool now_writes = false, before_wrote = false;
 };
 
+// A read of shared memory that no thread of the reading block wrote in this launch (the initcheck of shared
+// memory): what the GPU returns there is whatever an earlier block or kernel left.
+struct Uninitialised {
+    bool found = false;
+    uintptr_t addr = 0;
+    Stamp now;
+};
+
 Shadow g_shadow;
+Uninitialised g_uninit;
 uint32_t g_launch = 0;
 const LaunchInfo* g_info = nullptr;
 BlockMemory g_block;
@@ -164,6 +173,36 @@ void visit(Granule& g, uintptr_t addr, uint8_t bytes, bool write, bool atomic, u
     if (keep) record(g, now, write || atomic, atomic, addr);
 }
 
+// Whether the running block wrote byte `b` (in granule `g`) in this launch: the granule's write stamps, or the
+// byte's own for narrower writes.
+bool written_by_this_block(const Granule& g, uintptr_t b) {
+    const Who& who = *t_who;
+    auto ours = [&](const Stamp& s, uint8_t bit) { return live(s) && s.block == who.block && (s.bytes & bit); };
+    const auto bit = uint8_t(1u << (b & 3));
+    if (ours(g.write, bit) || ours(g.write2, bit)) return true;
+    if (g.bytes_launch != g_launch) return false;
+    const auto it = g_shadow.bytes.find(b);
+    return it != g_shadow.bytes.end() && (ours(it->second.write, 1) || ours(it->second.write2, 1));
+}
+
+// The runtime's own __thread variables that kernel code reads (threadIdx and friends): in the TLS segment with
+// the __shared__ objects, written only by the uninstrumented runtime, so never "written" in the shadow.
+template <class T>
+bool within(uintptr_t a, const T& var) {
+    const auto v = reinterpret_cast<uintptr_t>(&var);
+    return a >= v && a < v + sizeof(T);
+}
+bool runtime_variable(uintptr_t a) {
+    return within(a, t_thread_idx) || within(a, t_block_idx) || within(a, t_block_dim) || within(a, t_grid_dim) ||
+           within(a, t_dynamic_shared);
+}
+
+void check_initialised(const Granule& g, uintptr_t lo, uintptr_t hi, uintptr_t pc) {
+    if (runtime_variable(lo)) return;
+    for (uintptr_t b = lo; b < hi && !g_uninit.found; ++b)
+        if (!written_by_this_block(g, b)) g_uninit = Uninitialised{true, b, stamp(*t_who, 1, 0, pc)};
+}
+
 void access(const volatile void* p, size_t size, bool write, bool atomic, uintptr_t pc) {
     if (!t_who || g_race.found || g_too_large || size == 0) return;
     const auto addr = reinterpret_cast<uintptr_t>(p);
@@ -177,6 +216,7 @@ void access(const volatile void* p, size_t size, bool write, bool atomic, uintpt
             return;
         }
         const uintptr_t lo = std::max(addr, granule), hi = std::min(end, granule + 4);
+        if (!write && !g_uninit.found && in_shared(granule)) check_initialised(*g, lo, hi, pc);
         if (lo == granule && hi == granule + 4) {
             visit(*g, granule, 0xF, write, atomic, pc, true);
             if (g->bytes_launch == g_launch)  // narrower accesses touched this granule in this launch
@@ -252,6 +292,14 @@ std::string describe(const Race& r, const LaunchInfo& info) {
            verb(r.before, r.before_wrote, true) + " at " + source_line(r.before.pc) + "; " + why;
 }
 
+std::string describe(const Uninitialised& u, const LaunchInfo& info) {
+    char addr[32];
+    std::snprintf(addr, sizeof addr, "0x%zx", size_t(u.addr));
+    return "uninitialised shared memory at " + std::string(addr) + ": thread " + fmt3(u.now.thread, info.block) +
+           " of block " + fmt3(u.now.block, info.grid) + " reads it at " + source_line(u.now.pc) +
+           ", but no thread of its block wrote it in this launch (the GPU returns whatever was there)";
+}
+
 }  // namespace
 
 void begin_launch(const LaunchInfo& info) {
@@ -268,6 +316,7 @@ void begin_launch(const LaunchInfo& info) {
     g_shadow.launch_pages = 0;
     g_info = &info;
     g_race = Race{};
+    g_uninit = Uninitialised{};
     g_too_large = false;
 }
 
@@ -277,11 +326,14 @@ std::string end_launch() {
     std::string out;
     if (g_race.found && g_info)
         out = describe(g_race, *g_info);
+    else if (g_uninit.found && g_info)
+        out = describe(g_uninit, *g_info);
     else if (g_too_large)
         out = "the race checker gave up: the launch touched more than " +
               std::to_string(kMaxLaunchPages * (size_t(1) << kPageShift) >> 20) +
               " MB, and the race-check build is for small shapes (its shadow memory takes ~25x what it covers)";
     g_race = Race{};
+    g_uninit = Uninitialised{};
     g_block = BlockMemory{};
     g_info = nullptr;
     g_too_large = false;
