@@ -32,18 +32,44 @@ _Array = _Any
 # Tests set this to fill every output with NaN before the kernel runs, so an element the kernel fails to
 # write shows up instead of passing with whatever the allocator left there.
 _poison_outputs = False
+# The tests' poison (tests/conftest.py turns it on): every output starts as the signalling NaN 0x7FA0DEAD, which no
+# arithmetic produces (an operation on a signalling NaN returns a quiet one). After the kernel call _call counts
+# the elements of each poisoned output that still hold it: unwritten ones, caught even where a NaN would not show
+# (a consumer's fmaxf(NaN, x) is x).
+_POISON = 0x7FA0DEAD
+_poisoned: list = []
 
 
 def _empty(shape, dtype=_np.float32) -> _Array:
     xp = _backend.active.xp
-    if _poison_outputs:
-        return xp.full(shape, _np.nan, dtype=dtype)
+    if _poison_outputs and _np.dtype(dtype).itemsize == 4:
+        a = xp.empty(shape, dtype=dtype)
+        a.view(xp.uint32)[...] = _POISON
+        _poisoned.append(a)
+        return a
     return xp.empty(shape, dtype=dtype)
 
 
 def _call(name, *args):
     be = _backend.active
     getattr(be.module, name)(*args, stream=be.stream())
+    if _poisoned:
+        _check_written(name, args)
+
+
+def _check_written(name, args) -> None:
+    """Raises KernelError when an output of this call (allocated by _empty while poisoning) kept poison. Every
+    op makes one call, so outputs left pending belong to an op that failed before it: forgotten."""
+    outputs = [a for a in _poisoned if any(a is b for b in args)]
+    _poisoned.clear()
+    for a in outputs:
+        left = a.view(_backend.active.xp.uint32).ravel() == _POISON
+        count = int(left.sum())
+        if count:
+            first = int(to_host(left.nonzero()[0][:1])[0])
+            raise _backend.active.module.KernelError(
+                f"{name}: {count} of {a.size} elements of its {tuple(a.shape)} output were never written (the "
+                f"first at flat index {first})")
 
 
 def relu_forward(x: _Array) -> _Array:

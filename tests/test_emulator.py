@@ -172,3 +172,18 @@ def test_bad_worker_count_is_a_clear_error():
 def test_planted_faults_are_refused_by_name():
     with pytest.raises(pa.KernelError, match="unknown fault 'nope'"):
         mod.selftest_planted("nope", np.zeros(1024, np.float32))
+
+
+def test_an_output_element_left_unwritten_is_an_error():
+    # Under the tests' poison every output starts as the signalling NaN 0x7FA0DEAD; selftest_exited_lanes writes
+    # only the 40 threads that do not exit, so 8 of its 48 outputs keep the poison.
+    x = pa.asarray(np.ones(48, np.float32))
+    out = pa.ops._empty((48,))
+    assert (pa.to_numpy(out).view(np.uint32) == 0x7FA0DEAD).all()
+    with pytest.raises(pa.KernelError, match=r"selftest_exited_lanes: 8 of 48 elements of its \(48,\) output were "
+                       r"never written \(the first at flat index 40\)"):
+        pa.ops._call("selftest_exited_lanes", x, out)
+    assert not pa.ops._poisoned  # nothing left pending
+    full = pa.ops._empty((48,))
+    pa.ops._call("relu_forward", x, full)  # writes every element: no error
+    np.testing.assert_array_equal(pa.to_numpy(full), np.ones(48, np.float32))
