@@ -335,6 +335,14 @@ __global__ void planted_reads_exited_lane(float* s) {
 }
 
 
+// A read one element past the 1024 bytes of dynamic shared memory: the emulator places them right below a guard
+// page, and no error check can turn that fault into a KernelError: the process ends, and the emulator's fault
+// handler names kernel, block and thread first.
+__global__ void planted_shared_guard_page(float* s) {
+    PA_DYNAMIC_SHARED(float, dynamic);
+    s[threadIdx.x] = dynamic[256 + threadIdx.x];
+}
+
 // A device-side assert that fails in thread 5 only.
 __global__ void planted_assert(float* s) {
     assert(threadIdx.x != 5);
@@ -567,6 +575,9 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "uninit_control_helper") PA_LAUNCH(planted_uninit_helper<true>, 2, 64, 64 * sizeof(float), st, s);
     else if (f == "uninit_bytes") PA_LAUNCH(planted_uninit_bytes<false>, 1, 64, 0, st, s);
     else if (f == "uninit_control_bytes") PA_LAUNCH(planted_uninit_bytes<true>, 1, 64, 0, st, s);
+#endif
+#if !defined(__CUDACC__) && !defined(__SANITIZE_ADDRESS__)
+    else if (f == "shared_guard_page") PA_LAUNCH(planted_shared_guard_page, 1, 32, 1024, st, s);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
     else if (f == "global_overflow") PA_LAUNCH(planted_global_overflow, 1, 32, 0, st, s);

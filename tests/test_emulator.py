@@ -4,6 +4,8 @@ The working self-tests run on both backends (the same kernels are correct CUDA);
 the emulator only.
 """
 
+import re
+
 import numpy as np
 import pytest
 from conftest import ON_CUDA, run_python
@@ -187,3 +189,17 @@ def test_an_output_element_left_unwritten_is_an_error():
     full = pa.ops._empty((48,))
     pa.ops._call("relu_forward", x, full)  # writes every element: no error
     np.testing.assert_array_equal(pa.to_numpy(full), np.ones(48, np.float32))
+
+
+@pytest.mark.emu
+def test_a_fault_on_a_guard_page_names_kernel_block_and_thread_before_the_process_ends():
+    if getattr(mod, "sanitizer", None) == "address,undefined":
+        pytest.skip("under AddressSanitizer the fault is ASan's to report")
+    out = run_python("import numpy as np, pyalexnet as pa\n"
+                     "pa._backend.active.module.selftest_planted('shared_guard_page', np.zeros(1024, np.float32))\n"
+                     "print('still alive')", PYALEXNET_BACKEND="emu")
+    assert out.returncode != 0 and "still alive" not in out.stdout, (out.returncode, out.stdout)
+    assert re.search(r"pyalexnet emulator: segmentation fault at address 0x[0-9a-f]+ \(the guard page after the "
+                     r"dynamic shared memory\) in kernel planted_shared_guard_page \(launched at "
+                     r"kernels/selftest\.cu:\d+\), block \(0,0,0\), thread \(0,0,0\): the process cannot continue",
+                     out.stderr), out.stderr

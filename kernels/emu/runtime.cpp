@@ -11,6 +11,7 @@
 // snapshot of what every participating lane brought, so a lane may exit right after it.
 #include <dlfcn.h>
 #include <elf.h>
+#include <signal.h>
 #include <link.h>
 #include <sched.h>
 #include <pthread.h>
@@ -579,10 +580,72 @@ void work_on(Worker& w, Job& job) {
 
 unsigned char* module_tls_block(size_t* size);
 
+// ---- a fault the emulator cannot turn into a KernelError -------------------------------------------------------
+// A load or store that hits a guard page (past the dynamic shared memory, below the fiber stacks) or any unmapped
+// address raises SIGSEGV or SIGBUS in a worker: the process cannot go on, but before it ends the handler says in
+// which kernel, block and thread, then hands the signal to whoever had it before (Python's faulthandler, or the
+// default action). Host code's faults pass straight through. Not in the ASan build: ASan's handler reports those.
+struct sigaction g_previous_segv, g_previous_bus;
+
+const char* guard_name(const Worker& w, const unsigned char* addr) {
+    if (addr >= w.dynamic_guard && addr < w.dynamic_guard + kPage) return " (the guard page after the dynamic shared memory)";
+    if (addr >= w.stacks - kPage && addr < w.stacks) return " (the guard page below the fiber stacks)";
+    return "";
+}
+
+void on_fault(int sig, siginfo_t* info, void* context) {
+    const Worker* w = t_worker;
+    if (w && w->info && t_fiber) {
+        char msg[1024];
+        const auto* addr = static_cast<const unsigned char*>(info->si_addr);
+        const int n = std::snprintf(msg, sizeof msg,
+                                    "pyalexnet emulator: %s at address %p%s in kernel %s (launched at %s:%d), block "
+                                    "(%u,%u,%u), thread (%u,%u,%u): the process cannot continue\n",
+                                    sig == SIGBUS ? "bus error" : "segmentation fault", info->si_addr,
+                                    guard_name(*w, addr), w->info->name, w->info->file, w->info->line,
+                                    t_block_idx.x, t_block_idx.y, t_block_idx.z, t_fiber->idx.x, t_fiber->idx.y,
+                                    t_fiber->idx.z);
+        if (n > 0) (void)!write(STDERR_FILENO, msg, size_t(std::min(n, int(sizeof msg) - 1)));
+    }
+    const struct sigaction& previous = sig == SIGBUS ? g_previous_bus : g_previous_segv;
+    if (previous.sa_flags & SA_SIGINFO) {
+        previous.sa_sigaction(sig, info, context);
+        return;
+    }
+    if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN) {
+        previous.sa_handler(sig);
+        return;
+    }
+    signal(sig, SIG_DFL);  // the default action: the faulting access runs again and ends the process
+}
+
+void install_fault_handler() {
+#if !PA_EMU_ASAN
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_previous_segv);
+    sigaction(SIGBUS, &sa, &g_previous_bus);
+#endif
+}
+
+// Each worker handles its faults on a stack of its own: a fiber's may be the one that overflowed.
+void give_worker_a_signal_stack() {
+#if !PA_EMU_ASAN
+    static constexpr size_t kSignalStack = 64 * 1024;
+    stack_t ss = {};
+    ss.ss_sp = std::malloc(kSignalStack);  // for the thread's lifetime, which is the process's
+    ss.ss_size = kSignalStack;
+    if (ss.ss_sp) sigaltstack(&ss, nullptr);
+#endif
+}
+
 // Created once and never destroyed: destroying a condition variable that workers wait on at exit hangs.
 class Pool {
 public:
     explicit Pool(int n) : size_(n) {
+        install_fault_handler();
         for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
     }
     int size() const { return size_; }
@@ -600,6 +663,7 @@ public:
 
 private:
     void loop() {
+        give_worker_a_signal_stack();
         Worker w;
         t_worker = &w;  // also makes sure this thread's TLS block for the module exists before we look for it
         w.tls_block = module_tls_block(&w.tls_size);
