@@ -87,7 +87,7 @@ void selftest_dynamic_shared(const float* x, float* y, int n, int shared_floats,
 void selftest_atomics(const int* x, int* counters, int n, Stream stream);
 void selftest_exited_lanes(const float* x, float* out, Stream stream);  // x, out: 48 floats
 void selftest_uninitialised_shared(float* out, Stream stream);         // out: 128 floats
-void selftest_intrinsics(unsigned* out, Stream stream);                // out: 48 x 28 (selftest.cu)
+void selftest_intrinsics(unsigned* out, Stream stream);                // out: 48 x 29 (selftest.cu)
 // Launches a deliberately faulty kernel (emulator only): "divergent_barrier", "exit_before_barrier",
 // "deadlock", "inactive_lane", "too_many_threads", "grid_too_large", "dynamic_shared_over_limit",
 // "dynamic_shared_over_optin", "static_shared_over_limit", "mask_mismatch", "reads_exited_lane",

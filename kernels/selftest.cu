@@ -136,16 +136,16 @@ void selftest_exited_lanes(const float* x, float* out, Stream stream) {
 
 // ---- the less common intrinsics, one block of 48 threads (the second warp partial) ---------------------------
 // out[t * kIntrinsicSlots + k], as tests/test_intrinsics.py spells out slot by slot.
-constexpr int kIntrinsicSlots = 28;
+constexpr int kIntrinsicSlots = 29;
 
 __global__ void __launch_bounds__(64) selftest_intrinsics_kernel(unsigned* out) {
     __shared__ unsigned counters[5];  // atomicInc, atomicDec, atomicAnd, atomicOr, atomicXor
-    __shared__ int flag;
+    __shared__ int flag, plain_flag;
     const unsigned t = threadIdx.x;
     unsigned* o = out + t * kIntrinsicSlots;
     if (t == 0) {
         counters[0] = 0, counters[1] = 0, counters[2] = ~0u, counters[3] = 0, counters[4] = 0;
-        flag = 0;
+        flag = 0, plain_flag = 0;
     }
     __syncthreads();
     const long long c0 = clock64();
@@ -182,10 +182,16 @@ __global__ void __launch_bounds__(64) selftest_intrinsics_kernel(unsigned* out) 
     if (t == 0)
         while (atomicAdd(&flag, 0) == 0) __nanosleep(100);
     if (t == 47) atomicExch(&flag, 1);
+    // The same without __nanosleep: a spin on an atomic alone.
+    if (t == 1)
+        while (atomicAdd(&plain_flag, 0) == 0) {
+        }
+    if (t == 46) atomicExch(&plain_flag, 1);
     __syncthreads();
     for (int k = 0; k < 5; ++k) o[21 + k] = atomicAdd(&counters[k], 0u);
     o[26] = atomicAdd(&flag, 0);
     o[27] = clock64() >= c0;
+    o[28] = atomicAdd(&plain_flag, 0);
 }
 
 void selftest_intrinsics(unsigned* out, Stream stream) {

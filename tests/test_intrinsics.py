@@ -14,7 +14,7 @@ import pyalexnet as pa
 
 mod = pa._backend.active.module
 ROOT = Path(__file__).resolve().parent.parent
-SLOTS = 28
+SLOTS = 29
 T = np.arange(48, dtype=np.uint64)
 M32 = 0xFFFFFFFF
 
@@ -94,6 +94,7 @@ def test_atomics_spin_waits_and_the_clock(out):
     assert (out[:, 23] == 0).all() and (out[:, 24] == M32).all() and (out[:, 25] == x).all()
     assert (out[:, 26] == 1).all()  # thread 0 polled with __nanosleep until thread 47 set the flag
     assert (out[:, 27] == 1).all()
+    assert (out[:, 28] == 1).all()  # thread 1 spun on an atomic alone until thread 46 set it
 
 
 @pytest.mark.parametrize("code, error", [

@@ -188,6 +188,9 @@ template <class T>
 inline constexpr bool exch_type = one_of<T, int, unsigned, unsigned long long, float>;
 template <class T>
 inline constexpr bool cas_type = one_of<T, int, unsigned, unsigned long long, unsigned short>;
+// Every atomic is a point where the thread may let the others of its block run (one in 64): a thread spinning on
+// an atomic until another thread of its block sets it completes, as it does on a GPU since Volta.
+void atomic_poll();
 // Replaces *p with next(old) until the CAS takes (or next leaves it as it is); returns the old value.
 template <class T, class Next>
 inline T atomic_update(T* p, Next next) {
@@ -201,58 +204,69 @@ inline T atomic_update(T* p, Next next) {
 template <class T>
 inline T atomicAdd(T* p, T v) {
     static_assert(pa_emu::add_type<T>, "atomicAdd: CUDA has it for int, unsigned, unsigned long long, float, double");
+    pa_emu::atomic_poll();
     return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
 }
 template <class T>
 inline T atomicSub(T* p, T v) {
     static_assert(pa_emu::one_of<T, int, unsigned>, "atomicSub: CUDA has it for int and unsigned");
+    pa_emu::atomic_poll();
     return std::atomic_ref<T>(*p).fetch_sub(v, std::memory_order_relaxed);
 }
 template <class T>
 inline T atomicExch(T* p, T v) {
     static_assert(pa_emu::exch_type<T>, "atomicExch: CUDA has it for int, unsigned, unsigned long long, float");
+    pa_emu::atomic_poll();
     return std::atomic_ref<T>(*p).exchange(v, std::memory_order_relaxed);
 }
 template <class T>
 inline T atomicCAS(T* p, T compare, T v) {
     static_assert(pa_emu::cas_type<T>, "atomicCAS: CUDA has it for int, unsigned, unsigned long long, unsigned short");
+    pa_emu::atomic_poll();
     std::atomic_ref<T>(*p).compare_exchange_strong(compare, v, std::memory_order_relaxed);
     return compare;  // the old value, as on the GPU
 }
 template <class T>
 inline T atomicMax(T* p, T v) {
     static_assert(pa_emu::minmax_type<T>, "atomicMax: CUDA has it for int, unsigned, long long, unsigned long long");
+    pa_emu::atomic_poll();
     return pa_emu::atomic_update(p, [v](T old) { return old < v ? v : old; });
 }
 template <class T>
 inline T atomicMin(T* p, T v) {
     static_assert(pa_emu::minmax_type<T>, "atomicMin: CUDA has it for int, unsigned, long long, unsigned long long");
+    pa_emu::atomic_poll();
     return pa_emu::atomic_update(p, [v](T old) { return v < old ? v : old; });
 }
 template <class T>
 inline T atomicAnd(T* p, T v) {
     static_assert(pa_emu::bitwise_type<T>, "atomicAnd: CUDA has it for int, unsigned, unsigned long long");
+    pa_emu::atomic_poll();
     return std::atomic_ref<T>(*p).fetch_and(v, std::memory_order_relaxed);
 }
 template <class T>
 inline T atomicOr(T* p, T v) {
     static_assert(pa_emu::bitwise_type<T>, "atomicOr: CUDA has it for int, unsigned, unsigned long long");
+    pa_emu::atomic_poll();
     return std::atomic_ref<T>(*p).fetch_or(v, std::memory_order_relaxed);
 }
 template <class T>
 inline T atomicXor(T* p, T v) {
     static_assert(pa_emu::bitwise_type<T>, "atomicXor: CUDA has it for int, unsigned, unsigned long long");
+    pa_emu::atomic_poll();
     return std::atomic_ref<T>(*p).fetch_xor(v, std::memory_order_relaxed);
 }
 // ((old >= v) ? 0 : old + 1) and (((old == 0) || (old > v)) ? v : old - 1), as the programming guide defines them.
 template <class T>
 inline T atomicInc(T* p, T v) {
     static_assert(std::is_same_v<T, unsigned>, "atomicInc: CUDA has it for unsigned only");
+    pa_emu::atomic_poll();
     return pa_emu::atomic_update(p, [v](T old) { return old >= v ? 0u : old + 1u; });
 }
 template <class T>
 inline T atomicDec(T* p, T v) {
     static_assert(std::is_same_v<T, unsigned>, "atomicDec: CUDA has it for unsigned only");
+    pa_emu::atomic_poll();
     return pa_emu::atomic_update(p, [v](T old) { return (old == 0u || old > v) ? v : old - 1u; });
 }
 #define PA_EMU_SCOPED(op)                                                                    \

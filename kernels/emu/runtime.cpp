@@ -903,6 +903,11 @@ void nanosleep_yield() {
     block_until_runnable(*t_fiber);  // still Runnable: the scheduler comes back to it after the others
 }
 
+__thread unsigned t_atomics = 0;
+void atomic_poll() {
+    if (++t_atomics % 64 == 0 && t_fiber) nanosleep_yield();
+}
+
 void device_assert_failed(const char* expression, const char* file, int line) {
     throw pa::KernelError("assertion failed at " + site(file, line) + ", " + thread_at(*t_fiber) + ": " + expression);
 }
@@ -956,7 +961,6 @@ void complete(Worker& w, Group& g, int warp) {
     const bool is_signed = first >= 0 && g.arg[first] != 0;
     for (int lane = 0; lane < 32; ++lane) {
         if (!(g.arrived >> lane & 1u)) continue;
-        const Fiber& reader = w.fibers[warp * 32 + lane];
         switch (g.kind) {
             case Collective::SyncWarp: g.out[lane] = 0; break;
             case Collective::MatchAny: {
@@ -977,16 +981,11 @@ void complete(Worker& w, Group& g, int warp) {
             case Collective::Any: g.out[lane] = ballot != 0; break;
             case Collective::All: g.out[lane] = ballot == g.arrived; break;
             default: {
+                // A lane outside the mask, or one that has exited (or does not exist), is legal to name: the value
+                // is undefined on the GPU. Here it is all bits set (a NaN, or -1), so a result that is used shows.
                 const int src = source_lane(g.kind, lane, g.arg[lane], g.width);
-                if (src >= 0 && !(g.mask >> src & 1u))
-                    collective_error(reader, g.kind, g.file, g.line,
-                                     "reads lane " + std::to_string(src) + ", which is not in the mask " + fmt_hex(g.mask) +
-                                         " (an inactive lane: the value is undefined on the GPU)");
-                if (src >= 0 && !(g.arrived >> src & 1u))
-                    collective_error(reader, g.kind, g.file, g.line,
-                                     "reads lane " + std::to_string(src) + ", which has exited (or does not exist): "
-                                     "the value is undefined on the GPU");
-                g.out[lane] = src >= 0 ? g.value[src] : g.value[lane];
+                const bool undefined = src >= 0 && (!(g.mask >> src & 1u) || !(g.arrived >> src & 1u));
+                g.out[lane] = undefined ? ~uint64_t(0) : src >= 0 ? g.value[src] : g.value[lane];
             }
         }
     }
