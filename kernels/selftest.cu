@@ -378,9 +378,19 @@ __global__ void planted_static_shared(float* s) {
 // the finished threads 0-6 lie below it, so the overflow lands there and the canary reports it.
 __global__ void planted_stack_overflow(float* s) {
     if (threadIdx.x != 7) return;
-    volatile float big[75000];
-    for (int i = 0; i < 75000; ++i) big[i] = float(i);
-    s[7] = big[74999];
+    volatile float big[300000];  // 1.2 MB: more than the emulator's 1 MB stack
+    for (int i = 0; i < 300000; ++i) big[i] = float(i);
+    s[7] = big[299999];
+}
+
+// Valid CUDA: 512 KB of local memory in one thread (a GPU allows it; the emulator's stacks are 1 MB).
+__global__ void planted_large_local_array(float* s) {
+    if (threadIdx.x != 3) return;
+    volatile float big[131072];
+    for (int i = 0; i < 131072; ++i) big[i] = float(i % 7);
+    float sum = 0.0f;
+    for (int i = 0; i < 131072; ++i) sum += big[i];
+    s[3] = sum;
 }
 #endif
 
@@ -561,6 +571,7 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
 #if !defined(__CUDACC__)
     else if (f == "static_shared_over_limit") PA_LAUNCH(planted_static_shared, 1, 32, 0, st, s);
     else if (f == "stack_overflow") PA_LAUNCH(planted_stack_overflow, 1, 8, 0, st, s);
+    else if (f == "large_local_array") PA_LAUNCH(planted_large_local_array, 1, 8, 0, st, s);
     else if (f == "race_missing_syncthreads") PA_LAUNCH(planted_race_block_shared<false>, 1, 64, 0, st, s);
     else if (f == "race_control_syncthreads") PA_LAUNCH(planted_race_block_shared<true>, 1, 64, 0, st, s);
     else if (f == "race_missing_syncwarp") PA_LAUNCH(planted_race_warp_shared<false>, 1, 64, 0, st, s);

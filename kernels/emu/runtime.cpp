@@ -11,6 +11,7 @@
 // snapshot of what every participating lane brought, so a lane may exit right after it.
 #include <dlfcn.h>
 #include <elf.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <link.h>
 #include <sched.h>
@@ -90,12 +91,16 @@ constexpr size_t kMaxStaticShared = 48 * 1024;
 constexpr size_t kDefaultDynamicShared = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kMaxDynamicShared = 227 * 1024;     // Hopper's opt-in ceiling per block
 
-// Peak use measured under 4 KB; the rest is margin (ASan's redzones make frames several times larger).
-constexpr size_t kStackBytes = (PA_EMU_ASAN ? 256 : 64) * 1024;
+// Our kernels peak under 4 KB, but CUDA allows a thread hundreds of KB of local memory (a large local array):
+// 1 MB each, reserved, not committed (MAP_NORESERVE: only the pages a thread touches cost memory). ASan's
+// build keeps 256 KB (its redzones, and its own overflow reports).
+constexpr size_t kStackBytes = (PA_EMU_ASAN ? 256 : 1024) * 1024;
 constexpr size_t kPage = 4096;
-// Stacks sit side by side in one mapping (guard pages between them would cost a memory-map entry each, and a
-// process has only ~65k). Instead the lowest bytes of each stack hold a canary, checked every time a fiber
-// switches back: an overflow is reported, as a KernelError, as soon as it has happened.
+// Each stack has a PROT_NONE guard page below it, and the kernel sources are compiled with
+// -fstack-clash-protection (large frames probe each page in order), so an overflow faults on its own guard
+// before it writes anything below: the fault handler turns that into a KernelError. A guard page costs a
+// memory-map entry (a process has ~65k): where the kernel refuses one, the stacks below go without, and the
+// canary in the lowest bytes of each stack, checked every time a fiber switches back, still reports an overflow.
 constexpr int kCanaryWords = 8;
 constexpr uint64_t kCanary = 0x5AFEC0DE5AFEC0DEull;
 
@@ -198,6 +203,9 @@ struct Worker {
 #endif
     const std::function<void()>* body = nullptr;
     std::string error;  // the first fault of the current block, empty if none
+    sigjmp_buf fault_return;      // where a fault in a fiber comes back to (run_block)
+    volatile sig_atomic_t in_fiber = 0;  // kernel code runs: a fault there is the block's, not the process's
+    char fault[512] = {};         // the handler's description of it
     int barrier_count = 0;  // the last released barrier's count of nonzero predicates (__syncthreads_count)
 #if defined(PA_EMU_OWN_SWITCH)
     void* scheduler_sp = nullptr;  // the worker's own stack while a fiber runs
@@ -206,8 +214,7 @@ struct Worker {
 #endif
 
     Worker() {
-        // One PROT_NONE page below the lowest stack: nothing else lies where the first fiber would overflow to.
-        void* p = mmap(nullptr, kPage + kMaxThreadsPerBlock * kStackBytes, PROT_READ | PROT_WRITE,
+        void* p = mmap(nullptr, kMaxThreadsPerBlock * kStackSlot, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         const size_t dynamic_bytes = (kMaxDynamicShared + kPage - 1) / kPage * kPage;
         void* d = mmap(nullptr, dynamic_bytes + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -215,8 +222,9 @@ struct Worker {
             std::fprintf(stderr, "pyalexnet emulator: cannot map fiber stacks or shared memory\n");
             std::abort();
         }
-        if (p != MAP_FAILED) mprotect(p, kPage, PROT_NONE);
-        stacks = static_cast<unsigned char*>(p) + kPage;
+        stacks = static_cast<unsigned char*>(p);
+        for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i)
+            if (mprotect(stacks + i * kStackSlot, kPage, PROT_NONE) != 0) break;  // out of map entries: canaries
         for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i) write_canary(int(i));
         dynamic_region = static_cast<unsigned char*>(d);
         dynamic_guard = dynamic_region + dynamic_bytes;
@@ -228,7 +236,8 @@ struct Worker {
         // this never reallocates under the Group* that waiting fibers hold.
         for (auto& warp : groups) warp.reserve(32);
     }
-    unsigned char* stack_base(int i) { return stacks + size_t(i) * kStackBytes; }
+    static constexpr size_t kStackSlot = kPage + kStackBytes;  // a guard page, then the stack
+    unsigned char* stack_base(int i) { return stacks + size_t(i) * kStackSlot + kPage; }
     void write_canary(int i) {
         auto* c = reinterpret_cast<uint64_t*>(stack_base(i));
         for (int j = 0; j < kCanaryWords; ++j) c[j] = kCanary;
@@ -433,7 +442,7 @@ void resolve_stall(Worker& w) {
 template <class BlockMemory>
 [[maybe_unused]] void describe_block_memory(Worker& w, BlockMemory& memory) {
     memory.stacks_begin = w.stacks;
-    memory.stacks_end = w.stacks + kMaxThreadsPerBlock * kStackBytes;
+    memory.stacks_end = w.stacks + kMaxThreadsPerBlock * Worker::kStackSlot;
     memory.shared.emplace_back(t_dynamic_shared, w.dynamic_guard);
     if (w.tls_block) memory.shared.emplace_back(w.tls_block, w.tls_block + w.tls_size);
 }
@@ -497,6 +506,19 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     for (auto& warp : w.groups)
         for (auto& grp : warp) grp.in_use = false;
     w.error.clear();
+    // A fault in a fiber (see on_fault) jumps back here: the block has failed, its fibers are abandoned (the next
+    // block starts them afresh), and the launch raises the description as its KernelError.
+    if (sigsetjmp(w.fault_return, 1) != 0) {
+        w.in_fiber = 0;
+#if PA_EMU_PROF
+        prof::set_thread(-1);
+#endif
+#if PA_EMU_RACE
+        race::t_who = nullptr;
+#endif
+        record_error(w, w.fault);
+        return;
+    }
     for (;;) {
         bool ran = false;
         for (int i = 0; i < w.nthreads; ++i) {
@@ -511,7 +533,9 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
 #if PA_EMU_PROF
             prof::set_thread(i);
 #endif
+            w.in_fiber = 1;
             resume(w, f);
+            w.in_fiber = 0;
 #if PA_EMU_PROF
             prof::set_thread(-1);
 #endif
@@ -580,32 +604,37 @@ void work_on(Worker& w, Job& job) {
 
 unsigned char* module_tls_block(size_t* size);
 
-// ---- a fault the emulator cannot turn into a KernelError -------------------------------------------------------
-// A load or store that hits a guard page (past the dynamic shared memory, below the fiber stacks) or any unmapped
-// address raises SIGSEGV or SIGBUS in a worker: the process cannot go on, but before it ends the handler says in
-// which kernel, block and thread, then hands the signal to whoever had it before (Python's faulthandler, or the
-// default action). Host code's faults pass straight through. Not in the ASan build: ASan's handler reports those.
+// ---- faults: a guard page, an unmapped address ------------------------------------------------------------------
+// A load or store in kernel code that hits a guard page (a stack's, the one after the dynamic shared memory) or any
+// unmapped address raises SIGSEGV or SIGBUS in a worker. The handler (on the worker's own signal stack) describes
+// it, naming the thread, and jumps back to the scheduler, which fails the block: the launch raises a KernelError
+// and the pool goes on (the faulting fiber's stack is abandoned, as after any fault). Anywhere else, host code or
+// the runtime, the signal goes to whoever had it before (Python's faulthandler, or the default action). Not in the
+// ASan build: ASan's handler reports those, with the access's stack.
 struct sigaction g_previous_segv, g_previous_bus;
 
-const char* guard_name(const Worker& w, const unsigned char* addr) {
-    if (addr >= w.dynamic_guard && addr < w.dynamic_guard + kPage) return " (the guard page after the dynamic shared memory)";
-    if (addr >= w.stacks - kPage && addr < w.stacks) return " (the guard page below the fiber stacks)";
-    return "";
+void describe_fault(Worker& w, int sig, const unsigned char* addr) {
+    const Fiber& f = *t_fiber;
+    const auto* own = w.stack_base(f.linear);
+    const char* what = sig == SIGBUS ? "bus error" : "segmentation fault";
+    if (addr >= own - kPage && addr < own)
+        std::snprintf(w.fault, sizeof w.fault, "thread (%u,%u,%u) overflowed its %zu KB emulator stack (large local "
+                      "arrays? deep recursion?) at address %p: its guard page", f.idx.x, f.idx.y, f.idx.z,
+                      kStackBytes / 1024, static_cast<const void*>(addr));
+    else if (addr >= w.dynamic_guard && addr < w.dynamic_guard + kPage)
+        std::snprintf(w.fault, sizeof w.fault, "thread (%u,%u,%u) accessed address %p, past the %zu bytes of dynamic "
+                      "shared memory the launch gave it (%s on the guard page after it)", f.idx.x, f.idx.y, f.idx.z,
+                      static_cast<const void*>(addr), w.info ? w.info->dynamic_shared : size_t(0), what);
+    else
+        std::snprintf(w.fault, sizeof w.fault, "thread (%u,%u,%u): %s at address %p (no buffer of the launch is there: "
+                      "an index out of bounds?)", f.idx.x, f.idx.y, f.idx.z, what, static_cast<const void*>(addr));
 }
 
 void on_fault(int sig, siginfo_t* info, void* context) {
-    const Worker* w = t_worker;
-    if (w && w->info && t_fiber) {
-        char msg[1024];
-        const auto* addr = static_cast<const unsigned char*>(info->si_addr);
-        const int n = std::snprintf(msg, sizeof msg,
-                                    "pyalexnet emulator: %s at address %p%s in kernel %s (launched at %s:%d), block "
-                                    "(%u,%u,%u), thread (%u,%u,%u): the process cannot continue\n",
-                                    sig == SIGBUS ? "bus error" : "segmentation fault", info->si_addr,
-                                    guard_name(*w, addr), w->info->name, w->info->file, w->info->line,
-                                    t_block_idx.x, t_block_idx.y, t_block_idx.z, t_fiber->idx.x, t_fiber->idx.y,
-                                    t_fiber->idx.z);
-        if (n > 0) (void)!write(STDERR_FILENO, msg, size_t(std::min(n, int(sizeof msg) - 1)));
+    Worker* w = t_worker;
+    if (w && w->in_fiber && t_fiber) {
+        describe_fault(*w, sig, static_cast<const unsigned char*>(info->si_addr));
+        siglongjmp(w->fault_return, 1);  // restores the signal mask saved there, this signal unblocked
     }
     const struct sigaction& previous = sig == SIGBUS ? g_previous_bus : g_previous_segv;
     if (previous.sa_flags & SA_SIGINFO) {
