@@ -12,6 +12,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,7 @@
 namespace pa_emu {
 int worker_count();              // emu/runtime.cpp
 const char* fiber_switch_name();  // emu/runtime.cpp
+std::map<std::string, int> launch_bounds_seen();  // emu/runtime.cpp
 }
 #if defined(PA_EMU_PROFILE)
 #include "emu/counters.h"
@@ -756,6 +758,8 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.attr("backend") = "emu";
     m.attr("fiber_switch") = pa_emu::fiber_switch_name();
     m.def("worker_count", &pa_emu::worker_count, "Worker threads of the emulator (PYALEXNET_EMU_WORKERS).");
+    m.def("launch_bounds_seen", &pa_emu::launch_bounds_seen,
+          "Each kernel launched so far (as its launch names it) -> its __launch_bounds__ threads, 0 if none.");
 #if defined(__SANITIZE_ADDRESS__)
     m.attr("sanitizer") = "address,undefined";
 #elif defined(PA_EMU_RACECHECK)

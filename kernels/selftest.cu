@@ -411,6 +411,56 @@ __global__ void planted_misaligned_float4(float* s) {
 }
 #endif
 
+// Spin-waits on plain volatile loads, legal since Volta (independent thread scheduling): a waiting thread must not
+// starve the one it waits for, in its warp or in another. The emulator preempts a fiber that runs too long without
+// a switch. Thread 0 waits for thread 63 (another warp) and thread 1 for thread 30 (its own); each setter first
+// publishes a value, fenced, then the flag. With `FLAG_IN_GLOBAL`, the flags live in global memory (s[512..513]).
+// These are correct CUDA; the two livelocks after them wait for a flag nothing ever sets (a GPU would hang).
+#if !defined(__CUDACC__)
+template <bool FLAG_IN_GLOBAL>
+__global__ void planted_spin_volatile(float* s) {
+    __shared__ int shared_flags[2];
+    __shared__ float published[2];
+    volatile int* flags = FLAG_IN_GLOBAL ? reinterpret_cast<volatile int*>(s + 512) : shared_flags;
+    const int t = threadIdx.x;
+    if (t < 2) flags[t] = 0;
+    __syncthreads();
+    if (t == 63 || t == 30) {
+        published[t == 63 ? 0 : 1] = float(t) * 3.0f;
+        __threadfence_block();
+        flags[t == 63 ? 0 : 1] = 1;
+    }
+    if (t < 2) {
+        while (flags[t] == 0) {
+        }
+        __threadfence_block();
+        s[t] = reinterpret_cast<volatile float*>(published)[t];
+    }
+}
+
+// __launch_bounds__ as a number and as a template's expression: launched with more threads, a GPU refuses both.
+__global__ void __launch_bounds__(64) planted_bounded(float* s) { s[threadIdx.x] = 1.0f; }
+template <int SIDE>
+__global__ void __launch_bounds__(SIDE * SIDE, 2) planted_bounded_square(float* s) {
+    s[threadIdx.y * blockDim.x + threadIdx.x] = 2.0f;
+}
+
+__global__ void planted_livelock_spin(float* s) {
+    volatile int* flag = reinterpret_cast<volatile int*>(s + 512);
+    if (threadIdx.x == 0)
+        while (*flag == 0) {
+        }
+    __syncthreads();
+}
+
+__global__ void planted_livelock_nanosleep(float* s) {
+    volatile int* flag = reinterpret_cast<volatile int*>(s + 512);
+    if (threadIdx.x == 0)
+        while (*flag == 0) __nanosleep(1000);
+    __syncthreads();
+}
+#endif
+
 // Races: right answers in the plain emulator (its fibers run in order) and wrong ones, sometimes, on a GPU. Only
 // the race-check build sees them. Each is a pair: the bug, and the same kernel made correct (a control that must
 // pass the checker, so it cannot pass by reporting everything). 64 threads: two warps.
@@ -538,6 +588,34 @@ __global__ void planted_race_hidden_reader(float* s) {
     }
 }
 
+// Three readers: thread 0 (warp 0), then threads 32 and 33 (warp 1), which then synchronise with each other;
+// thread 33's write is ordered after both their reads, not after thread 0's.
+__global__ void planted_race_third_reader(float* s) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    if (t == 0) tile[0] = 5.0f;
+    __syncthreads();
+    if (t == 0 || t == 32 || t == 33) s[t] = tile[0];
+    if (t == 32 || t == 33) {
+        __syncwarp(0x3u);
+        if (t == 33) tile[0] = 7.0f;
+    }
+}
+
+// The documented limit: three readers in one warp (lanes 0, 1, 2), lanes 1 and 2 then synchronise with each other
+// only, and lane 2 writes. Lane 0's read is unordered with the write, but the checker kept lanes 1 and 2's.
+__global__ void planted_race_third_reader_same_warp(float* s) {
+    __shared__ float tile[64];
+    const int t = threadIdx.x;
+    if (t == 0) tile[0] = 5.0f;
+    __syncthreads();
+    if (t < 3) s[t] = tile[0];
+    if (t == 1 || t == 2) {
+        __syncwarp(0x6u);
+        if (t == 2) tile[0] = 7.0f;
+    }
+}
+
 __global__ void planted_race_store_after_atomics(float* s) {
     int* counter = reinterpret_cast<int*>(s + 512);
     atomicAdd(counter, 1);
@@ -583,6 +661,8 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "race_bytes_between_blocks") PA_LAUNCH(planted_race_bytes<true>, 4, 64, 0, st, s);
     else if (f == "race_partial_syncwarp") PA_LAUNCH(planted_race_partial_syncwarp, 1, 64, 0, st, s);
     else if (f == "race_hidden_reader") PA_LAUNCH(planted_race_hidden_reader, 1, 64, 0, st, s);
+    else if (f == "race_third_reader") PA_LAUNCH(planted_race_third_reader, 1, 64, 0, st, s);
+    else if (f == "race_third_reader_same_warp") PA_LAUNCH(planted_race_third_reader_same_warp, 1, 64, 0, st, s);
     else if (f == "race_store_after_atomics") PA_LAUNCH(planted_race_store_after_atomics, 1, 64, 0, st, s);
     else if (f == "race_between_blocks") PA_LAUNCH(planted_race_between_blocks<false>, 4, 64, 0, st, s);
     else if (f == "race_control_between_blocks") PA_LAUNCH(planted_race_between_blocks<true>, 4, 64, 0, st, s);
@@ -592,6 +672,16 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "uninit_control_helper") PA_LAUNCH(planted_uninit_helper<true>, 2, 64, 64 * sizeof(float), st, s);
     else if (f == "uninit_bytes") PA_LAUNCH(planted_uninit_bytes<false>, 1, 64, 0, st, s);
     else if (f == "uninit_control_bytes") PA_LAUNCH(planted_uninit_bytes<true>, 1, 64, 0, st, s);
+#endif
+#if !defined(__CUDACC__)
+    else if (f == "spin_volatile_shared") PA_LAUNCH(planted_spin_volatile<false>, 1, 64, 0, st, s);
+    else if (f == "spin_volatile_global") PA_LAUNCH(planted_spin_volatile<true>, 1, 64, 0, st, s);
+    else if (f == "bounds_at_limit") PA_LAUNCH(planted_bounded, 1, 64, 0, st, s);
+    else if (f == "bounds_exceeded") PA_LAUNCH(planted_bounded, 1, 65, 0, st, s);
+    else if (f == "bounds_template_at_limit") PA_LAUNCH(planted_bounded_square<8>, 1, dim3(8, 8), 0, st, s);
+    else if (f == "bounds_template_exceeded") PA_LAUNCH(planted_bounded_square<8>, 1, dim3(8, 9), 0, st, s);
+    else if (f == "livelock_spin") PA_LAUNCH(planted_livelock_spin, 1, 64, 0, st, s);
+    else if (f == "livelock_nanosleep") PA_LAUNCH(planted_livelock_nanosleep, 1, 64, 0, st, s);
 #endif
 #if !defined(__CUDACC__) && !defined(__SANITIZE_ADDRESS__)
     else if (f == "shared_guard_page") PA_LAUNCH(planted_shared_guard_page, 1, 32, 1024, st, s);

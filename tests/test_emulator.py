@@ -4,6 +4,9 @@ The working self-tests run on both backends (the same kernels are correct CUDA);
 the emulator only.
 """
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import ON_CUDA, run_python
@@ -11,6 +14,7 @@ from conftest import ON_CUDA, run_python
 import pyalexnet as pa
 
 mod = pa._backend.active.module
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (17, 33, 15), (64, 48, 80)])
@@ -214,3 +218,111 @@ def test_a_thread_may_have_half_a_megabyte_of_local_memory():
     s = np.zeros(1024, np.float32)
     mod.selftest_planted("large_local_array", s)
     assert s[3] == float(sum(i % 7 for i in range(131072)))
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("where", ["shared", "global"])
+def test_a_spin_wait_on_a_volatile_flag_completes(where):
+    # Legal since Volta: thread 0 polls a flag thread 63 (another warp) sets, thread 1 one thread 30 (its own warp)
+    # sets, with plain volatile loads that never yield. The emulator preempts the spinning fiber.
+    s = np.zeros(1024, np.float32)
+    if getattr(mod, "sanitizer", None) == "race":
+        # Volatile is not atomic: the race checker reports the flag's store against the spinning loads.
+        with pytest.raises(pa.KernelError, match=r"race"):
+            mod.selftest_planted(f"spin_volatile_{where}", s)
+        return
+    mod.selftest_planted(f"spin_volatile_{where}", s)
+    assert s[0] == 63 * 3 and s[1] == 30 * 3, s[:2]
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("fault, where", [
+    ("livelock_spin", r"thread \(0,0,0\) at kernels/selftest\.cu:\d+"),
+    ("livelock_nanosleep", r"thread \(0,0,0\) in __nanosleep at kernels/selftest\.cu:\d+"),
+])
+def test_a_spin_wait_that_nothing_releases_is_reported_by_the_watchdog(fault, where):
+    # Thread 0 waits for a flag that nothing sets while the others wait at a barrier: a GPU would hang. The watchdog
+    # fails the block after PYALEXNET_EMU_WATCHDOG seconds without progress, naming the spinning thread's line, and
+    # the pool goes on.
+    code = (
+        "import time, numpy as np, pyalexnet as pa\n"
+        "mod = pa._backend.active.module\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        f"    mod.selftest_planted({fault!r}, np.zeros(1024, np.float32))\n"
+        "except pa.KernelError as e:\n"
+        "    print('ERR', e)\n"
+        "print('after %.1f s' % (time.perf_counter() - t))\n"
+        "s = np.zeros(1024, np.float32)\n"
+        "mod.selftest_planted('bounds_at_limit', s)\n"
+        "print('then', s[:64].sum())\n"
+    )
+    out = run_python(code, PYALEXNET_BACKEND="emu", PYALEXNET_EMU_WATCHDOG="0.5", timeout=60)
+    assert out.returncode == 0, out.stderr
+    err, after, then = out.stdout.strip().splitlines()
+    assert re.search(rf"kernel planted_{fault} \(launched at kernels/selftest\.cu:\d+\), block \(0,0,0\): livelock: "
+                     rf"for 0\.5 s no thread of the block reached a barrier.*still running: {where}\.", err), err
+    assert 0.4 < float(after.split()[1]) < 10, after
+    assert then == "then 64.0"  # the next launch runs as usual
+
+
+@pytest.mark.emu
+def test_a_bad_watchdog_period_is_a_clear_error():
+    code = (
+        "import numpy as np, pyalexnet as pa\n"
+        "try:\n    pa.ops.relu_forward(np.ones(3, np.float32))\n"
+        "except pa.KernelError as e:\n    print('ERR', e)\n"
+    )
+    out = run_python(code, PYALEXNET_BACKEND="emu", PYALEXNET_EMU_WATCHDOG="soon")
+    assert "ERR PYALEXNET_EMU_WATCHDOG must be a number of seconds in [0, 1e6] (0: off), got 'soon'" in out.stdout
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("fault, report", [
+    ("bounds_exceeded", r"kernel planted_bounded \(launched at kernels/selftest\.cu:\d+\): block \(65,1,1\) has 65 "
+     r"threads, more than the kernel's __launch_bounds__\(64\): a GPU refuses the launch"),
+    ("bounds_template_exceeded", r"kernel planted_bounded_square<8> \(launched at kernels/selftest\.cu:\d+\): block "
+     r"\(8,9,1\) has 72 threads, more than the kernel's __launch_bounds__\(64\)"),
+])
+def test_a_launch_past_the_kernels_launch_bounds_fails(fault, report):
+    s = np.zeros(1024, np.float32)
+    with pytest.raises(pa.KernelError, match=report):
+        mod.selftest_planted(fault, s)
+    assert (s == 0).all()  # refused before any thread ran
+    mod.selftest_planted(fault.replace("exceeded", "at_limit"), s)  # at the bound it runs
+    assert (s[:64] > 0).all() and (s[64:] == 0).all()
+
+
+def _declared_launch_bounds():
+    """kernel name -> its __launch_bounds__ expression, from the sources, and the named constants they use."""
+    sources = "\n".join(p.read_text() for p in (ROOT / "kernels").glob("*.cu*"))  # .cu and .cuh
+    declared = dict((name, expr) for expr, name in re.findall(r"__launch_bounds__\(([^()]*)\)\s*(\w+)\s*\(", sources))
+    constants = {}
+    for decl in re.findall(r"constexpr int ([^;]*);", sources):
+        for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", decl):
+            constants[name] = int(value)
+    return declared, constants
+
+
+@pytest.mark.emu
+def test_every_kernel_of_a_training_step_carries_its_launch_bounds():
+    # The emulator reads each kernel's bound from its code (cuda_emu.h); a kernel whose declared bound it missed
+    # would be launched unchecked. Run every op of a training step, then compare with what the sources declare.
+    net = pa.AlexNet("paper", num_classes=10, seed=2, width=1 / 16, input_size=67)
+    opt = pa.SGD(net, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = np.random.default_rng(0).standard_normal((2, 3, 67, 67)).astype(np.float32)
+    _, d = pa.ops.softmax_cross_entropy(net.forward(pa.asarray(x), train=True), pa.asarray(np.array([1, 7], np.int32)))
+    net.backward(d)
+    opt.step()
+    declared, constants = _declared_launch_bounds()
+    seen = {re.sub(r"<.*", "", name.strip("()")): bound for name, bound in mod.launch_bounds_seen().items()}
+    checked = 0
+    for name, bound in seen.items():
+        if name not in declared:
+            assert bound == 0, (name, bound)  # no bound declared, none read
+            continue
+        expr = declared[name].split(",")[0].strip()
+        want = int(expr) if expr.isdigit() else constants.get(expr)
+        assert bound == want if want is not None else bound > 0, (name, expr, bound)
+        checked += 1
+    assert checked >= 8, seen  # conv, gemm, pool, LRN, dropout, softmax, ... all bounded

@@ -2,7 +2,8 @@
 //
 // How a launch runs (details in runtime.cpp):
 //   - every CUDA thread is a user-level fiber; a block's fibers all run on one OS thread, cooperatively:
-//     a fiber runs until it reaches __syncthreads(), a warp collective, or its end;
+//     a fiber runs until it reaches __syncthreads(), a warp collective, __nanosleep, or its end (or, spinning,
+//     until the watchdog preempts it);
 //   - blocks are spread over a persistent pool of worker threads (PYALEXNET_EMU_WORKERS, default = cores);
 //   - `__shared__` is `static thread_local`: a worker runs one block at a time and fibers never migrate,
 //     so every fiber of a block sees the same storage;
@@ -32,7 +33,13 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+// __launch_bounds__(maxThreads[, minBlocks[, maxBlocksPerCluster]]): a launch of more than maxThreads threads fails,
+// as on a GPU. GCC keeps no readable record of an attribute's value, save one: patchable_function_entry(N, 0)
+// starts the function with N NOP instructions (it is meant for live patching), which the launcher counts
+// (runtime.cpp, launch_bound). They take an expression, template parameters included, and cost each thread a
+// few dozen cycles when it starts.
+#define PA_EMU_FIRST(first, ...) first
+#define __launch_bounds__(...) __attribute__((patchable_function_entry(int(PA_EMU_FIRST(__VA_ARGS__, 0)), 0)))
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 #if defined(__SANITIZE_ADDRESS__)
@@ -312,9 +319,9 @@ void syncthreads(const char* file, int line);
 int syncthreads_count(const char* file, int line, int predicate);
 // The lanes of the calling warp that exist and have not exited (see __activemask below).
 unsigned active_mask();
-// __nanosleep: the calling thread lets the others of its block run (a thread that polls a flag set by another
-// one of its block must, on a cooperative scheduler).
-void nanosleep_yield();
+// __nanosleep: the calling thread lets the others of its block run (a spin without it gets preempted by the
+// watchdog, later; runtime.cpp).
+void nanosleep_yield(const char* file, int line);
 [[noreturn]] void device_assert_failed(const char* expression, const char* file, int line);
 // Every lane of `mask` must call the same collective; the result for the calling lane comes back.
 // `value` carries up to 8 bytes of the lane's operand (a predicate for votes); `arg` is srcLane/delta/laneMask.
@@ -446,7 +453,7 @@ long long kernel_static_shared_bytes(const void* kernel);
 // with every lane of the warp that exists and has not exited, the most a GPU could answer (so a mask taken from
 // it never leaves out a lane that is running).
 #define __activemask() pa_emu::active_mask()
-#define __nanosleep(ns) ((void)(ns), pa_emu::nanosleep_yield())
+#define __nanosleep(ns) ((void)(ns), pa_emu::nanosleep_yield(__FILE__, __LINE__))
 // Device-side assert: a failure is a KernelError naming the expression, the file:line and the thread, and ends
 // the launch, as on the GPU (where it ends the context). Off under NDEBUG, as with nvcc.
 #undef assert

@@ -4,9 +4,12 @@
 // time (the runtime holds a lock from begin_launch to end_launch) on one worker, so the shadow needs no locks.
 //
 // Shadow memory. Each 4-byte granule keeps up to two write stamps and two read stamps: the last access of each
-// kind and, when the one before it came from another thread and nothing ordered the two, that one too, so a
-// later access that is ordered after the last but not after the other is still checked against it (two
-// concurrent readers, then a write by one of them; many atomics, then a plain store by one of them). Accesses
+// kind and one earlier one that nothing ordered with it (from another warp or block if there is one), so a later
+// access that is ordered after the last but not after an earlier one is still checked against it (concurrent
+// readers, then a write by one of them; many atomics, then a plain store by one of them). This is exact for
+// readers in any number of warps and blocks; within one warp, where a collective over part of the lanes can order
+// some readers with the writer and not others, for the last two readers (a third, earlier one that only a
+// partial-mask collective leaves unordered can go unreported). Accesses
 // of 4 bytes or more use the granule's stamps; narrower ones get a shadow per byte (in a side table), checked
 // against the granule's stamps too, so that byte arrays are neither falsely reported (neighbouring bytes of two
 // threads) nor missed. About 100 bytes of shadow per 4 bytes touched: tiny shapes only, and a launch touching
@@ -143,12 +146,17 @@ const Stamp* conflict(const Granule& g, const Stamp& now, bool write, bool atomi
 
 void record(Granule& g, const Stamp& now, bool write, bool atomic, uintptr_t addr) {
     const Who& who = *t_who;
-    // Keeps `last` as the second stamp when it is another thread's and unordered with `now`; keeps the old second
-    // stamp while it is still unordered with `now`.
+    // Beside `now`, keeps as the second stamp one earlier access that nothing orders with `now`, preferring one
+    // from another warp or block: no later collective of now's warp can order that one, so whichever thread
+    // accesses next, one of the two stamps is unordered with it if any earlier access still is, as long as the
+    // accesses that might be come from more than one warp. Among lanes of one warp only the last two are kept.
     auto push = [&](Stamp& last, Stamp& second) {
-        if (live(last) && !ordered(last, who, addr))
+        auto open = [&](const Stamp& s) { return live(s) && !ordered(s, who, addr); };
+        auto elsewhere = [&](const Stamp& s) { return s.block != now.block || s.thread / 32 != now.thread / 32; };
+        const bool keep_second = open(second) && elsewhere(second);
+        if (open(last) && (elsewhere(last) || !keep_second))
             second = last;
-        else if (live(second) && ordered(second, who, addr))
+        else if (!open(second))
             second.launch = 0;
         last = now;
     };
@@ -232,41 +240,8 @@ void access(const volatile void* p, size_t size, bool write, bool atomic, uintpt
 }
 
 // ---- reports ------------------------------------------------------------------------------------------------
-std::string shell_quote(const std::string& s) {
-    std::string out = "'";
-    for (char ch : s) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-    return out + "'";
-}
-
-// file:line of an instruction (an offset in this module), from the module's debug information through addr2line
-// (the race-check build has -g): the innermost inlined frame that is kernel source (an atomic's access happens
-// inside libstdc++ and the emulator's header, but the line worth reading is the kernel's). Falls back to
-// module+offset without addr2line.
-std::string source_line(uint32_t pc_offset) {
-    Dl_info info;
-    if (!dladdr(reinterpret_cast<void*>(&source_line), &info) || !info.dli_fname) return "an unknown line";
-    char offset[32];
-    std::snprintf(offset, sizeof offset, "0x%zx", size_t(pc_offset ? pc_offset - 1 : 0));
-    const std::string fallback = std::string(info.dli_fname) + "+" + offset;
-    const std::string cmd = "addr2line -i -e " + shell_quote(info.dli_fname) + " " + offset + " 2>/dev/null";
-    FILE* f = popen(cmd.c_str(), "r");
-    if (!f) return fallback;
-    std::string first, kernel;
-    char buf[4096];
-    while (std::fgets(buf, sizeof buf, f)) {
-        std::string s = buf;
-        while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
-        if (const auto d = s.find(" (discriminator"); d != std::string::npos) s.erase(d);
-        if (s.empty() || s.rfind("??", 0) == 0) continue;
-        if (first.empty()) first = s;
-        // Paths relative to the repository, as the other emulator reports give them.
-        const auto k = s.rfind("/kernels/");
-        if (kernel.empty() && k != std::string::npos && s.find("/kernels/emu/") == std::string::npos)
-            kernel = s.substr(k + 1);
-    }
-    pclose(f);
-    return !kernel.empty() ? kernel : !first.empty() ? first : fallback;
-}
+// A stamp's pc is the return address of the hook's call: the access is the instruction before it.
+uintptr_t call_site(uint32_t pc) { return pc ? pc - 1 : 0; }
 
 std::string fmt3(uint32_t linear, const dim3& dims) {
     return "(" + std::to_string(linear % dims.x) + "," + std::to_string(linear / dims.x % dims.y) + "," +
@@ -288,15 +263,15 @@ std::string describe(const Race& r, const LaunchInfo& info) {
                                 : "no __syncthreads() or warp collective between them (barrier epoch " +
                                       std::to_string(r.now.epoch) + ")";
     return "data race on " + std::string(r.shared ? "shared" : "global") + " memory at " + addr + ": " + who(r.now) +
-           " " + verb(r.now, r.now_writes, false) + " at " + source_line(r.now.pc) + ", after " + who(r.before) + " " +
-           verb(r.before, r.before_wrote, true) + " at " + source_line(r.before.pc) + "; " + why;
+           " " + verb(r.now, r.now_writes, false) + " at " + source_line(call_site(r.now.pc)) + ", after " + who(r.before) + " " +
+           verb(r.before, r.before_wrote, true) + " at " + source_line(call_site(r.before.pc)) + "; " + why;
 }
 
 std::string describe(const Uninitialised& u, const LaunchInfo& info) {
     char addr[32];
     std::snprintf(addr, sizeof addr, "0x%zx", size_t(u.addr));
     return "uninitialised shared memory at " + std::string(addr) + ": thread " + fmt3(u.now.thread, info.block) +
-           " of block " + fmt3(u.now.block, info.grid) + " reads it at " + source_line(u.now.pc) +
+           " of block " + fmt3(u.now.block, info.grid) + " reads it at " + source_line(call_site(u.now.pc)) +
            ", but no thread of its block wrote it in this launch (the GPU returns whatever was there)";
 }
 

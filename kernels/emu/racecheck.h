@@ -25,6 +25,11 @@
 
 #include "cuda_emu.h"
 
+namespace pa_emu {
+// file:line of the instruction at this offset in the module (runtime.cpp, through addr2line).
+std::string source_line(uintptr_t offset);
+}  // namespace pa_emu
+
 namespace pa_emu::race {
 
 struct Who {

@@ -105,6 +105,8 @@ constexpr int kCanaryWords = 8;
 constexpr uint64_t kCanary = 0x5AFEC0DE5AFEC0DEull;
 
 enum class State : unsigned char { Runnable, AtBarrier, InCollective, Done };
+// Why a runnable fiber last gave up the worker, for the watchdog's report.
+enum class Yielded : unsigned char { No, Preempted, Nanosleep, Atomic };
 
 struct Group;
 
@@ -119,8 +121,12 @@ struct Fiber {
     State state = State::Done;
     const char* file = nullptr;  // where it waits
     int line = 0;
-    int barrier_predicate = 0;  // what it brought to the barrier it waits at (__syncthreads_count)
     Group* group = nullptr;
+    // Runtime code on this fiber's stack (scheduler state half-updated): the watchdog must not preempt it.
+    // A fiber starts in runtime code; run_thread_body lowers it around the kernel itself.
+    int runtime_depth = 1;
+    Yielded yielded = Yielded::No;
+    uintptr_t preempted_pc = 0;  // where the watchdog last preempted it (Yielded::Preempted)
 #if PA_EMU_ASAN
     void* fake_stack = nullptr;      // ASan's bookkeeping while the fiber is switched out
     const void* bottom = nullptr;
@@ -178,6 +184,11 @@ std::string fmt_hex(unsigned v) {
     return buf;
 }
 
+// The same source line; the pointers are equal when both calls are in one file, so strcmp rarely runs.
+bool same_site(const char* file_a, int line_a, const char* file_b, int line_b) {
+    return line_a == line_b && (file_a == file_b || std::strcmp(file_a, file_b) == 0);
+}
+
 std::string site(const char* file, int line) { return std::string(file) + ":" + std::to_string(line); }
 
 // Everything one worker owns: fiber stacks, the current block's fibers and collectives, dynamic shared memory.
@@ -196,6 +207,7 @@ struct Worker {
     size_t tls_size = 0;
     const LaunchInfo* info = nullptr;    // the launch being run, for fault reports
     int nthreads = 0;
+    int guarded_stacks = 0;  // stacks [0, guarded_stacks) have their guard page
 #if PA_EMU_ASAN
     void* scheduler_fake_stack = nullptr;
     const void* scheduler_bottom = nullptr;
@@ -204,9 +216,22 @@ struct Worker {
     const std::function<void()>* body = nullptr;
     std::string error;  // the first fault of the current block, empty if none
     sigjmp_buf fault_return;      // where a fault in a fiber comes back to (run_block)
-    volatile sig_atomic_t in_fiber = 0;  // kernel code runs: a fault there is the block's, not the process's
+    // Kernel code runs: a fault there is the block's, not the process's. Atomic: the watchdog reads it too.
+    std::atomic<int> in_fiber{0};
     char fault[512] = {};         // the handler's description of it
+    // The barrier being filled: how many threads wait at it, the first of them, and their nonzero predicates.
+    int barrier_waiting = 0;
+    const Fiber* barrier_first = nullptr;
+    int barrier_predicates = 0;
     int barrier_count = 0;  // the last released barrier's count of nonzero predicates (__syncthreads_count)
+    // What the watchdog (see the pool) watches: resumes by the scheduler, and progress (a barrier released, a
+    // collective completed, a thread finished, a block begun); it asks for a preemption or a livelock report.
+    std::atomic<unsigned> resumes{0};
+    std::atomic<unsigned> progress{0};
+    std::atomic<bool> preempt{false};   // the instrumented builds' hooks yield when they see it
+    std::atomic<bool> livelock{false};  // the scheduler fails the block
+    std::atomic<bool> in_block{false};  // between a block's start and its end
+    pthread_t thread{};
 #if defined(PA_EMU_OWN_SWITCH)
     void* scheduler_sp = nullptr;  // the worker's own stack while a fiber runs
 #else
@@ -223,8 +248,9 @@ struct Worker {
             std::abort();
         }
         stacks = static_cast<unsigned char*>(p);
-        for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i)
-            if (mprotect(stacks + i * kStackSlot, kPage, PROT_NONE) != 0) break;  // out of map entries: canaries
+        while (guarded_stacks < int(kMaxThreadsPerBlock) &&
+               mprotect(stacks + size_t(guarded_stacks) * kStackSlot, kPage, PROT_NONE) == 0)
+            ++guarded_stacks;  // out of map entries: the rest rely on their canaries
         for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i) write_canary(int(i));
         dynamic_region = static_cast<unsigned char*>(d);
         dynamic_guard = dynamic_region + dynamic_bytes;
@@ -243,6 +269,7 @@ struct Worker {
         for (int j = 0; j < kCanaryWords; ++j) c[j] = kCanary;
     }
     bool canary_intact(int i) {
+        if (i < guarded_stacks) return true;  // an overflow faults on the guard page before it reaches the canary
         const auto* c = reinterpret_cast<const uint64_t*>(stack_base(i));
         for (int j = 0; j < kCanaryWords; ++j)
             if (c[j] != kCanary) return false;
@@ -262,17 +289,33 @@ std::string thread_at(const Fiber& f) { return "thread " + fmt_idx(f.idx); }
 // ---- context switching ---------------------------------------------------------------------------------
 void lane_exited(Worker& w, Fiber& f);
 
+void note_progress(Worker& w) { w.progress.store(w.progress.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
+
 void run_thread_body(Fiber* f) {
     try {
+        f->runtime_depth = 0;
         (*t_worker->body)();
+        f->runtime_depth = 1;
         lane_exited(*t_worker, *f);
     } catch (const std::exception& e) {
+        f->runtime_depth = 1;
         record_error(*t_worker, e.what());
     } catch (...) {
+        f->runtime_depth = 1;
         record_error(*t_worker, thread_at(*f) + ": an exception not derived from std::exception");
     }
     f->state = State::Done;
+    note_progress(*t_worker);
 }
+
+// Marks runtime code that runs on a fiber (it may switch away inside): not a point to preempt.
+struct RuntimeCode {
+    Fiber& f;
+    explicit RuntimeCode(Fiber& fiber) : f(fiber) { ++f.runtime_depth; }
+    ~RuntimeCode() { --f.runtime_depth; }
+    RuntimeCode(const RuntimeCode&) = delete;
+    RuntimeCode& operator=(const RuntimeCode&) = delete;
+};
 
 // ASan's side of each switch (no-ops in other builds): the scheduler enters a fiber, a fiber arrives, a fiber
 // leaves (for good when it has finished), the scheduler is back.
@@ -365,13 +408,33 @@ void yield(Worker& w, Fiber& f) {
 }
 #endif
 
+// What the worker's thread-locals say while fiber f runs (the scheduler sets them before it resumes one).
+void enter_fiber_context(Fiber& f) {
+    t_fiber = &f;
+    t_thread_idx = &f.idx;
+#if PA_EMU_RACE
+    race::t_who = &f.who;
+#endif
+#if PA_EMU_PROF
+    prof::set_thread(f.linear);
+#endif
+}
+// ... and while the scheduler runs: no thread of the block is running.
+void leave_fiber_context(Worker& w) {
+    w.in_fiber.store(0, std::memory_order_relaxed);
+#if PA_EMU_PROF
+    prof::set_thread(-1);
+#endif
+#if PA_EMU_RACE
+    race::t_who = nullptr;
+#endif
+}
+
 // Suspends the calling fiber until the scheduler makes it runnable again. A block that has failed never
 // resumes its fibers, so a fault cannot cascade into a second one.
 void block_until_runnable(Fiber& f) {
-    Worker& w = *t_worker;
-    yield(w, f);
-    t_fiber = &f;
-    t_thread_idx = &f.idx;
+    yield(*t_worker, f);
+    enter_fiber_context(f);
 }
 
 // ---- the scheduler's decisions when nothing can run -------------------------------------------------------
@@ -413,26 +476,38 @@ void resolve_stall(Worker& w) {
                             " where " + thread_at(*at_barrier) + " waits");
         return;
     }
-    for (int i = 0; i < n; ++i) {
+    // The last thread to reach a barrier releases it (syncthreads_count): with none exited and none in a
+    // collective, some thread is still runnable.
+    record_error(w, "emulator scheduler: " + thread_at(*at_barrier) + " waits at " +
+                        site(at_barrier->file, at_barrier->line) + " and no thread can run");
+}
+
+std::string describe_code_address(uintptr_t pc);
+double watchdog_seconds();
+
+// The watchdog saw no progress in this block for its whole period: name the threads that still run and where.
+std::string livelock_report(Worker& w) {
+    std::string where;
+    int named = 0, running = 0;
+    for (int i = 0; i < w.nthreads; ++i) {
         const Fiber& f = w.fibers[i];
-        if (f.line != at_barrier->line || std::strcmp(f.file, at_barrier->file) != 0) {
-            record_error(w, "divergent __syncthreads(): " + thread_at(*at_barrier) + " waits at " +
-                                site(at_barrier->file, at_barrier->line) + " but " + thread_at(f) + " waits at " +
-                                site(f.file, f.line));
-            return;
-        }
+        if (f.state != State::Runnable) continue;
+        if (++running > 4) continue;
+        where += named++ ? "; " : "";
+        where += thread_at(f);
+        if (f.yielded == Yielded::Preempted)
+            where += " at " + describe_code_address(f.preempted_pc);
+        else if (f.yielded == Yielded::Nanosleep)
+            where += " in __nanosleep at " + site(f.file, f.line);
+        else if (f.yielded == Yielded::Atomic)
+            where += " in an atomic operation";
     }
-    w.barrier_count = 0;
-    for (int i = 0; i < n; ++i) w.barrier_count += w.fibers[i].barrier_predicate != 0;
-    for (int i = 0; i < n; ++i) {
-        w.fibers[i].state = State::Runnable;
-#if PA_EMU_RACE
-        ++w.fibers[i].who.epoch;  // everything before the barrier happened before everything after it
-#endif
-    }
-#if PA_EMU_PROF
-    prof::barrier();
-#endif
+    if (running > named) where += "; and " + std::to_string(running - named) + " more";
+    char seconds[32];
+    std::snprintf(seconds, sizeof seconds, "%g", watchdog_seconds());
+    return "livelock: for " + std::string(seconds) + " s no thread of the block reached a barrier, completed a warp "
+           "collective or exited; still running: " + where + ". A thread waiting for a flag that nothing sets, or " +
+           seconds + " s of work between two barriers (PYALEXNET_EMU_WATCHDOG sets the period; 0 turns it off)";
 }
 
 // The block's memory as the checking and counting builds see it: fiber stacks (each thread's own) and shared
@@ -460,6 +535,7 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     if (static_base)
         for (const auto& [offset, bytes] : static_shared) std::memset(static_base + offset, 0xff, bytes);
     w.nthreads = int(b.x * b.y * b.z);
+    w.barrier_waiting = 0;
     for (int warp = 0; warp < int(kMaxThreadsPerBlock / 32); ++warp) {
         const int lanes = std::clamp(w.nthreads - warp * 32, 0, 32);
         w.exited[warp] = lanes == 32 ? 0u : ~((1u << lanes) - 1u);
@@ -506,16 +582,12 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     for (auto& warp : w.groups)
         for (auto& grp : warp) grp.in_use = false;
     w.error.clear();
+    note_progress(w);
+    w.livelock.store(false, std::memory_order_relaxed);
     // A fault in a fiber (see on_fault) jumps back here: the block has failed, its fibers are abandoned (the next
     // block starts them afresh), and the launch raises the description as its KernelError.
     if (sigsetjmp(w.fault_return, 1) != 0) {
-        w.in_fiber = 0;
-#if PA_EMU_PROF
-        prof::set_thread(-1);
-#endif
-#if PA_EMU_RACE
-        race::t_who = nullptr;
-#endif
+        leave_fiber_context(w);
         record_error(w, w.fault);
         return;
     }
@@ -525,23 +597,12 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
             Fiber& f = w.fibers[i];
             if (f.state != State::Runnable) continue;
             ran = true;
-            t_fiber = &f;
-            t_thread_idx = &f.idx;
-#if PA_EMU_RACE
-            race::t_who = &f.who;
-#endif
-#if PA_EMU_PROF
-            prof::set_thread(i);
-#endif
-            w.in_fiber = 1;
+            enter_fiber_context(f);
+            w.in_fiber.store(1, std::memory_order_relaxed);
             resume(w, f);
-            w.in_fiber = 0;
-#if PA_EMU_PROF
-            prof::set_thread(-1);
-#endif
-#if PA_EMU_RACE
-            race::t_who = nullptr;
-#endif
+            leave_fiber_context(w);
+            w.resumes.store(w.resumes.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+            if (w.livelock.load(std::memory_order_relaxed)) record_error(w, livelock_report(w));
             if (!w.canary_intact(i)) {
                 // The overflow ran into the stacks below this one: every canary is suspect, so renew them all.
                 for (unsigned j = 0; j < kMaxThreadsPerBlock; ++j) w.write_canary(int(j));
@@ -587,7 +648,9 @@ void work_on(Worker& w, Job& job) {
 #if PA_EMU_PROF
         if (job.sample) weight = (*job.sample)[size_t(blk)].weight, blk = (*job.sample)[size_t(blk)].block;
 #endif
+        w.in_block.store(true, std::memory_order_relaxed);
         run_block(w, *job.info, *job.static_shared, PA_EMU_ASAN ? job.module_base : w.tls_block, blk, weight);
+        w.in_block.store(false, std::memory_order_relaxed);
 #if PA_EMU_PROF
         prof::end_block();
 #endif
@@ -632,7 +695,7 @@ void describe_fault(Worker& w, int sig, const unsigned char* addr) {
 
 void on_fault(int sig, siginfo_t* info, void* context) {
     Worker* w = t_worker;
-    if (w && w->in_fiber && t_fiber) {
+    if (w && w->in_fiber.load(std::memory_order_relaxed) && t_fiber) {
         describe_fault(*w, sig, static_cast<const unsigned char*>(info->si_addr));
         siglongjmp(w->fault_return, 1);  // restores the signal mask saved there, this signal unblocked
     }
@@ -670,14 +733,139 @@ void give_worker_a_signal_stack() {
 #endif
 }
 
+// ---- spin-waits: preemption and the watchdog -------------------------------------------------------------------
+// Fibers switch only at barriers, collectives, atomics and __nanosleep, but since Volta a thread may legally
+// poll a flag with plain or volatile loads until another thread of its block sets it, which a cooperative
+// scheduler would never let happen. So the pool's watchdog thread looks at every worker each kWatchdogTick: one
+// whose fiber has run a whole tick without a switch is preempted, and the others get their turn. And a block
+// that has made no progress at all (no barrier released, no collective completed, no thread finished) for
+// PYALEXNET_EMU_WATCHDOG seconds (default 30; 0: never) fails with a livelock report naming where its running
+// threads are.
+//
+// Preempting: in the default and ASan builds the watchdog sends the worker kPreemptSignal, whose handler runs
+// on the fiber's own stack and, if the fiber is in kernel code (not in the runtime, whose state may be half
+// updated, nor in another library, which may hold a lock), yields from inside the handler: the interrupted
+// registers stay in the signal frame on that stack until the fiber resumes there. In the instrumented builds
+// (race checker, counters), whose hooks run at every memory access, the hook yields instead when asked.
+constexpr auto kWatchdogTick = std::chrono::milliseconds(20);
+constexpr int kPreemptSignal = SIGURG;  // ignored by default: harmless should one ever reach another thread
+struct sigaction g_previous_preempt;
+uintptr_t g_text_begin = 0, g_text_end = 0;  // this module's code
+}  // namespace
+std::atomic<bool> g_preempt_asked{false};  // some worker has `preempt` set (a cheap first test for the hooks)
+namespace {
+
+void find_module_text() {
+    Dl_info self;
+    if (!dladdr(reinterpret_cast<void*>(&find_module_text), &self)) return;
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void* base) {
+            if (reinterpret_cast<void*>(info->dlpi_addr) != base) return 0;
+            for (int i = 0; i < info->dlpi_phnum; ++i) {
+                const auto& ph = info->dlpi_phdr[i];
+                if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_X)) continue;
+                g_text_begin = info->dlpi_addr + ph.p_vaddr;
+                g_text_end = g_text_begin + ph.p_memsz;
+            }
+            return 1;
+        },
+        self.dli_fbase);
+}
+
+uintptr_t interrupted_pc(const void* context) {
+    const auto* uc = static_cast<const ucontext_t*>(context);
+#if defined(__x86_64__)
+    return uintptr_t(uc->uc_mcontext.gregs[REG_RIP]);
+#elif defined(__aarch64__)
+    return uintptr_t(uc->uc_mcontext.pc);
+#else
+    (void)uc;
+    return 0;  // unknown: never preempted (spins then end in the livelock report)
+#endif
+}
+
+// Whether fiber f, interrupted at pc with the handler's frame at sp, may be switched away from here.
+bool preemptible(Worker& w, const Fiber& f, uintptr_t pc, const unsigned char* sp) {
+    const unsigned char* stack = w.stack_base(f.linear);
+    return f.runtime_depth == 0 && sp > stack && sp < stack + kStackBytes && pc >= g_text_begin && pc < g_text_end;
+}
+
+void preempt(Fiber& f, uintptr_t pc) {
+    f.preempted_pc = pc;
+#if PA_EMU_RACE
+    const race::Pause runtime_code;
+#endif
+    const RuntimeCode runtime(f);
+    f.yielded = Yielded::Preempted;
+    block_until_runnable(f);
+}
+
+}  // namespace
+
+// The instrumented builds' preemption point, at a hook's entry (kernel code, about to access memory).
+void take_preemption(uintptr_t pc) {
+    Worker* w = t_worker;
+    g_preempt_asked.store(false, std::memory_order_relaxed);
+    if (!w || !w->preempt.exchange(false, std::memory_order_relaxed)) return;
+    if (w->in_fiber.load(std::memory_order_relaxed) && t_fiber && t_fiber->runtime_depth == 0) preempt(*t_fiber, pc);
+}
+
+namespace {
+
+void on_preempt(int sig, siginfo_t* info, void* context) {
+    Worker* w = t_worker;
+    if (!w || !w->in_fiber.load(std::memory_order_relaxed) || !t_fiber) {
+        const struct sigaction& previous = g_previous_preempt;
+        if (previous.sa_flags & SA_SIGINFO)
+            previous.sa_sigaction(sig, info, context);
+        else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN)
+            previous.sa_handler(sig);
+        return;
+    }
+#if PA_EMU_RACE || PA_EMU_PROF
+    (void)info, (void)context;  // the watchdog asks these builds through w->preempt, not by signal
+#else
+    const int saved_errno = errno;
+    Fiber& f = *t_fiber;
+    const uintptr_t pc = interrupted_pc(context);
+    if (preemptible(*w, f, pc, static_cast<const unsigned char*>(__builtin_frame_address(0)))) preempt(f, pc);
+    errno = saved_errno;
+#endif
+}
+
+void install_preempt_handler() {
+    find_module_text();
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_preempt;
+    // On the interrupted stack (no SA_ONSTACK): the fiber's, which it may then leave for a while. SA_NODEFER: the
+    // signal stays unblocked meanwhile, so the fibers that run next can be preempted too.
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(kPreemptSignal, &sa, &g_previous_preempt);
+}
+
+double configured_watchdog_seconds() {
+    const char* s = std::getenv("PYALEXNET_EMU_WATCHDOG");
+    if (!s) return 30.0;
+    char* end = nullptr;
+    const double v = std::strtod(s, &end);
+    if (end == s || *end != '\0' || !(v >= 0.0) || v > 1e6)
+        throw pa::KernelError("PYALEXNET_EMU_WATCHDOG must be a number of seconds in [0, 1e6] (0: off), got '" +
+                              std::string(s) + "'");
+    return v;
+}
+
 // Created once and never destroyed: destroying a condition variable that workers wait on at exit hangs.
 class Pool {
 public:
-    explicit Pool(int n) : size_(n) {
+    explicit Pool(int n, double watchdog_seconds) : size_(n), watchdog_seconds_(watchdog_seconds) {
         install_fault_handler();
+        install_preempt_handler();
         for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
+        std::thread([this] { watchdog(); }).detach();
     }
     int size() const { return size_; }
+    double watchdog_seconds() const { return watchdog_seconds_; }
 
     void run(Job& job) {
         std::lock_guard<std::mutex> serial(launch_mutex_);  // one launch at a time, as on one stream
@@ -696,6 +884,11 @@ private:
         Worker w;
         t_worker = &w;  // also makes sure this thread's TLS block for the module exists before we look for it
         w.tls_block = module_tls_block(&w.tls_size);
+        w.thread = pthread_self();
+        {
+            std::lock_guard<std::mutex> lk(workers_mutex_);
+            workers_.push_back(&w);  // workers live as long as the process: the watchdog may read them any time
+        }
         unsigned long long seen = 0;
         for (;;) {
             Job* job;
@@ -711,7 +904,47 @@ private:
         }
     }
 
+    // Every tick: preempt a fiber that has run the whole tick, and flag a block without progress for the period.
+    void watchdog() {
+        struct Seen {
+            unsigned resumes = 0, progress = 0;
+            int stale_ticks = 0;
+        };
+        std::vector<Seen> seen;
+        const double tick = std::chrono::duration<double>(kWatchdogTick).count();
+        for (;;) {
+            std::this_thread::sleep_for(kWatchdogTick);
+            std::lock_guard<std::mutex> lk(workers_mutex_);
+            seen.resize(workers_.size());
+            for (size_t i = 0; i < workers_.size(); ++i) {
+                Worker& w = *workers_[i];
+                Seen& was = seen[i];
+                const unsigned resumes = w.resumes.load(std::memory_order_relaxed);
+                const unsigned progress = w.progress.load(std::memory_order_relaxed);
+                if (w.in_fiber.load(std::memory_order_relaxed) && resumes == was.resumes) {
+#if PA_EMU_RACE || PA_EMU_PROF
+                    w.preempt.store(true, std::memory_order_relaxed);
+                    g_preempt_asked.store(true, std::memory_order_relaxed);
+#else
+                    pthread_kill(w.thread, kPreemptSignal);
+#endif
+                }
+                const bool in_block = w.in_block.load(std::memory_order_relaxed);
+                was.stale_ticks = in_block && progress == was.progress ? was.stale_ticks + 1 : 0;
+                if (watchdog_seconds_ > 0 && was.stale_ticks * tick >= watchdog_seconds_) {
+                    w.livelock.store(true, std::memory_order_relaxed);
+                    was.stale_ticks = 0;
+                }
+                was.resumes = resumes;
+                was.progress = progress;
+            }
+        }
+    }
+
     int size_;
+    double watchdog_seconds_;
+    std::mutex workers_mutex_;
+    std::vector<Worker*> workers_;
     std::mutex launch_mutex_, m_;
     std::condition_variable wake_, done_;
     Job* job_ = nullptr;
@@ -766,7 +999,7 @@ Pool& pool() {
     });
     static std::mutex* creating = new std::mutex;
     std::lock_guard<std::mutex> lk(*creating);
-    if (!g_pool) g_pool = new Pool(configured_workers());
+    if (!g_pool) g_pool = new Pool(configured_workers(), configured_watchdog_seconds());
     return *g_pool;
 }
 
@@ -858,6 +1091,38 @@ const StaticShared& static_shared(const void* kernel) {
     return cache->emplace(kernel, std::move(found)).first->second;
 }
 
+// ---- __launch_bounds__ ----------------------------------------------------------------------------------------
+// The bound is the number of NOP instructions the kernel's code begins with (cuda_emu.h explains why): after the
+// indirect-branch landing pad, if the compiler put one first. 0: the kernel declares no bound.
+std::mutex& bounds_seen_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+std::map<std::string, int>& bounds_seen() {
+    static auto* m = new std::map<std::string, int>;
+    return *m;
+}
+
+int launch_bound(const void* kernel) {
+    const auto* code = static_cast<const unsigned char*>(kernel);
+    int nops = 0;
+#if defined(__x86_64__)
+    if (std::memcmp(code, "\xf3\x0f\x1e\xfa", 4) == 0) code += 4;  // endbr64 (-fcf-protection)
+    while (nops <= int(kMaxThreadsPerBlock) && code[nops] == 0x90) ++nops;
+#elif defined(__aarch64__)
+    auto word = [&](int i) {
+        uint32_t w;
+        std::memcpy(&w, code + 4 * i, 4);
+        return w;
+    };
+    int first = (word(0) & 0xffffff3fu) == 0xd503241fu ? 1 : 0;  // bti c/j/jc (-mbranch-protection)
+    while (nops <= int(kMaxThreadsPerBlock) && word(first + nops) == 0xd503201fu) ++nops;
+#else
+    (void)code;
+#endif
+    return nops;
+}
+
 // This thread's instance of our module's TLS segment, where the static __shared__ variables live, and its size.
 unsigned char* module_tls_block(size_t* size) {
     *size = 0;
@@ -885,6 +1150,58 @@ unsigned char* module_tls_block(size_t* size) {
 }  // namespace
 
 int worker_count() { return pool().size(); }
+
+std::map<std::string, int> launch_bounds_seen() {
+    std::lock_guard<std::mutex> lk(bounds_seen_mutex());
+    return bounds_seen();
+}
+
+namespace {
+double watchdog_seconds() { return pool().watchdog_seconds(); }
+
+std::string shell_quote(const std::string& s) {
+    std::string out = "'";
+    for (char ch : s) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+    return out + "'";
+}
+}  // namespace
+
+// file:line of an instruction (an offset in this module), from the module's debug information through addr2line:
+// the innermost inlined frame that is kernel source (an atomic's access happens inside libstdc++ and the
+// emulator's header, but the line worth reading is the kernel's). Falls back to module+offset without addr2line.
+std::string source_line(uintptr_t offset) {
+    Dl_info info;
+    if (!dladdr(reinterpret_cast<void*>(&source_line), &info) || !info.dli_fname) return "an unknown line";
+    char hex[32];
+    std::snprintf(hex, sizeof hex, "0x%zx", size_t(offset));
+    const std::string fallback = std::string(info.dli_fname) + "+" + hex;
+    const std::string cmd = "addr2line -i -e " + shell_quote(info.dli_fname) + " " + hex + " 2>/dev/null";
+    FILE* f = popen(cmd.c_str(), "r");
+    if (!f) return fallback;
+    std::string first, kernel;
+    char buf[4096];
+    while (std::fgets(buf, sizeof buf, f)) {
+        std::string s = buf;
+        while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+        if (const auto d = s.find(" (discriminator"); d != std::string::npos) s.erase(d);
+        if (s.empty() || s.rfind("??", 0) == 0) continue;
+        if (first.empty()) first = s;
+        // Paths relative to the repository, as the other emulator reports give them.
+        const auto k = s.rfind("/kernels/");
+        if (kernel.empty() && k != std::string::npos && s.find("/kernels/emu/") == std::string::npos)
+            kernel = s.substr(k + 1);
+    }
+    pclose(f);
+    return !kernel.empty() ? kernel : !first.empty() ? first : fallback;
+}
+
+namespace {
+std::string describe_code_address(uintptr_t pc) {
+    Dl_info info;
+    if (!pc || !dladdr(reinterpret_cast<void*>(pc), &info)) return "an unknown address";
+    return source_line(pc - reinterpret_cast<uintptr_t>(info.dli_fbase));
+}
+}  // namespace
 const char* fiber_switch_name() {
 #if defined(PA_EMU_OWN_SWITCH) && defined(__x86_64__)
     return "own (x86-64)";
@@ -910,34 +1227,82 @@ void syncthreads(const char* file, int line) { syncthreads_count(file, line, 0);
 
 // The count is the worker's, set when the barrier releases: it stays valid until every thread has read it,
 // because the next release needs every thread at the next barrier.
+//
+// Threads arrive one by one; each is checked against the first to arrive (one barrier for the whole block), and
+// the last to arrive releases them all. A thread that exited instead never arrives: the block stalls, and
+// resolve_stall reports it.
 int syncthreads_count(const char* file, int line, int predicate) {
 #if PA_EMU_RACE
     const race::Pause runtime_code;
 #endif
+    Worker& w = *t_worker;
     Fiber& f = *t_fiber;
-    f.state = State::AtBarrier;
+    const RuntimeCode runtime(f);
     f.file = file;
     f.line = line;
-    f.barrier_predicate = predicate;
+    f.yielded = Yielded::No;
+    if (w.barrier_waiting == 0) {
+        w.barrier_first = &f;
+        w.barrier_predicates = 0;
+    } else if (!same_site(file, line, w.barrier_first->file, w.barrier_first->line)) {
+        const Fiber& first = *w.barrier_first;
+        record_error(w, "divergent __syncthreads(): " + thread_at(first) + " waits at " + site(first.file, first.line) +
+                            " but " + thread_at(f) + " waits at " + site(file, line));
+        f.state = State::AtBarrier;
+        block_until_runnable(f);  // a failed block is never resumed
+    }
+    w.barrier_predicates += predicate != 0;
+    if (++w.barrier_waiting < w.nthreads) {
+        f.state = State::AtBarrier;
+        block_until_runnable(f);
+        return w.barrier_count;
+    }
+    w.barrier_waiting = 0;
+    w.barrier_count = w.barrier_predicates;
+    note_progress(w);
+    for (int i = 0; i < w.nthreads; ++i) {
+        w.fibers[i].state = State::Runnable;
+#if PA_EMU_RACE
+        ++w.fibers[i].who.epoch;  // everything before the barrier happened before everything after it
+#endif
+    }
+#if PA_EMU_PROF
+    prof::barrier();
+#endif
+    // Yield all the same, so that the threads resume past the barrier in order, the first one first, as they
+    // always have here (a racy kernel's results and reports do not depend on which thread arrived last).
     block_until_runnable(f);
-    return t_worker->barrier_count;
+    return w.barrier_count;
 }
 
 unsigned active_mask() { return ~t_worker->exited[t_fiber->linear / 32]; }
 
-void nanosleep_yield() {
+namespace {
+// Gives the other threads a turn: this one stays Runnable, and the scheduler comes back to it after them.
+void yield_turn(Fiber& f, Yielded why) {
 #if PA_EMU_RACE
     const race::Pause runtime_code;
 #endif
-    block_until_runnable(*t_fiber);  // still Runnable: the scheduler comes back to it after the others
+    const RuntimeCode runtime(f);
+    f.yielded = why;
+    block_until_runnable(f);
+}
+}  // namespace
+
+void nanosleep_yield(const char* file, int line) {
+    Fiber& f = *t_fiber;
+    f.file = file;
+    f.line = line;
+    yield_turn(f, Yielded::Nanosleep);
 }
 
 __thread unsigned t_atomics = 0;
 void atomic_poll() {
-    if (++t_atomics % 64 == 0 && t_fiber) nanosleep_yield();
+    if (++t_atomics % 64 == 0 && t_fiber) yield_turn(*t_fiber, Yielded::Atomic);
 }
 
 void device_assert_failed(const char* expression, const char* file, int line) {
+    ++t_fiber->runtime_depth;  // never lowered: the thread ends
     throw pa::KernelError("assertion failed at " + site(file, line) + ", " + thread_at(*t_fiber) + ": " + expression);
 }
 
@@ -967,6 +1332,7 @@ int source_lane(Collective kind, int lane, int arg, int width) {
 
 // Every lane of the mask has arrived or exited: compute each arrived lane's result and wake it.
 void complete(Worker& w, Group& g, int warp) {
+    note_progress(w);
     g.complete = true;
     g.readers = __builtin_popcount(g.arrived);
     unsigned ballot = 0;
@@ -1062,6 +1428,8 @@ uint64_t warp_collective(Collective kind, const char* file, int line, unsigned m
 #endif
     Worker& w = *t_worker;
     Fiber& f = *t_fiber;
+    const RuntimeCode runtime(f);
+    f.yielded = Yielded::No;
     const int lane = f.linear % 32, warp = f.linear / 32;
     if (width < 1 || width > 32 || (width & (width - 1)))
         collective_error(f, kind, file, line, "width " + std::to_string(width) + " is not a power of two in [1, 32]");
@@ -1077,7 +1445,7 @@ uint64_t warp_collective(Collective kind, const char* file, int line, unsigned m
                              "called with mask " + fmt_hex(mask) + " while lanes " + fmt_hex(cand.arrived) + " wait in " +
                                  collective_name(cand.kind) + " at " + site(cand.file, cand.line) + " with mask " +
                                  fmt_hex(cand.mask));
-        if (cand.kind != kind || (kind != Collective::SyncWarp && (cand.line != line || std::strcmp(cand.file, file) != 0)))
+        if (cand.kind != kind || (kind != Collective::SyncWarp && !same_site(cand.file, cand.line, file, line)))
             collective_error(f, kind, file, line,
                              "divergent warp collective: lanes " + fmt_hex(cand.arrived) + " of the same mask wait in " +
                                  collective_name(cand.kind) + " at " + site(cand.file, cand.line));
@@ -1131,6 +1499,15 @@ void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_b
         b.z > kMaxBlockZ)
         throw pa::KernelError(where + ": invalid block " + fmt_idx({b.x, b.y, b.z}) +
                               ": a block has 1 to 1024 threads (z at most 64)");
+    const int bound = launch_bound(info.kernel);
+    {
+        std::lock_guard<std::mutex> lk(bounds_seen_mutex());
+        bounds_seen()[info.name] = bound;
+    }
+    if (bound > 0 && threads > (unsigned long long)bound)
+        throw pa::KernelError(where + ": block " + fmt_idx({b.x, b.y, b.z}) + " has " + std::to_string(threads) +
+                              " threads, more than the kernel's __launch_bounds__(" + std::to_string(bound) +
+                              "): a GPU refuses the launch");
     if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > kMaxGridX || g.y > kMaxGridYZ || g.z > kMaxGridYZ)
         throw pa::KernelError(where + ": invalid grid " + fmt_idx({g.x, g.y, g.z}) +
                               ": x in [1, 2^31-1], y and z in [1, 65535]");

@@ -9,17 +9,26 @@
 // reported; pc is the instrumented instruction's return address.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
 namespace pa_emu {
 enum class TsanAccess { Read, Write, AtomicLoad, AtomicStore, AtomicUpdate };
-}
+// The watchdog's request to preempt (runtime.cpp): every access is a point where kernel code may yield.
+extern std::atomic<bool> g_preempt_asked;
+void take_preemption(uintptr_t pc);
+}  // namespace pa_emu
 
 void pa_emu_tsan_access(const volatile void* p, size_t bytes, pa_emu::TsanAccess kind, uintptr_t pc);
 
 #define PA_TSAN_PC reinterpret_cast<uintptr_t>(__builtin_return_address(0))
-#define PA_TSAN_REPORT(p, bytes, kind) pa_emu_tsan_access(p, bytes, pa_emu::TsanAccess::kind, PA_TSAN_PC)
+#define PA_TSAN_REPORT(p, bytes, kind)                                                          \
+    do {                                                                                        \
+        if (__builtin_expect(pa_emu::g_preempt_asked.load(std::memory_order_relaxed), 0))       \
+            pa_emu::take_preemption(PA_TSAN_PC - 1);                                            \
+        pa_emu_tsan_access(p, bytes, pa_emu::TsanAccess::kind, PA_TSAN_PC);                     \
+    } while (0)
 
 extern "C" {
 void __tsan_init() {}
