@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
-DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # CMakeLists.txt's machine-code targets
+DEFAULT_ARCHS = ("sm_80", "sm_90")  # CMakeLists.txt's machine-code targets
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

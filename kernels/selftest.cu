@@ -438,6 +438,27 @@ __global__ void planted_spin_volatile(float* s) {
     }
 }
 
+// Out-of-bounds shared memory: thread 31 reads one float past a 32-float __shared__ array; thread 5 writes one past
+// 20 bytes of dynamic shared memory (inside the 16-byte rounding, before the guard page). With IN_BOUNDS, the
+// same kernels stay inside (the static read wraps; the launch gives 24 dynamic bytes).
+template <bool IN_BOUNDS>
+__global__ void planted_shared_past_end(float* s) {
+    __shared__ float tile[32];
+    const int t = threadIdx.x;
+    tile[t] = float(t);
+    __syncthreads();
+    s[t] = tile[IN_BOUNDS ? (t + 1) % 32 : t + 1];
+}
+
+__global__ void planted_dynamic_past_end(float* s) {
+    PA_DYNAMIC_SHARED(float, dynamic);
+    const int t = threadIdx.x;
+    if (t == 5) dynamic[5] = 1.0f;
+    if (t < 5) dynamic[t] = float(t);
+    __syncthreads();
+    if (t < 5) s[t] = dynamic[t];
+}
+
 // __launch_bounds__ as a number and as a template's expression: launched with more threads, a GPU refuses both.
 __global__ void __launch_bounds__(64) planted_bounded(float* s) { s[threadIdx.x] = 1.0f; }
 template <int SIDE>
@@ -676,6 +697,10 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
 #if !defined(__CUDACC__)
     else if (f == "spin_volatile_shared") PA_LAUNCH(planted_spin_volatile<false>, 1, 64, 0, st, s);
     else if (f == "spin_volatile_global") PA_LAUNCH(planted_spin_volatile<true>, 1, 64, 0, st, s);
+    else if (f == "shared_past_end") PA_LAUNCH(planted_shared_past_end<false>, 1, 32, 0, st, s);
+    else if (f == "shared_in_bounds") PA_LAUNCH(planted_shared_past_end<true>, 1, 32, 0, st, s);
+    else if (f == "dynamic_past_end") PA_LAUNCH(planted_dynamic_past_end, 1, 32, 20, st, s);
+    else if (f == "dynamic_in_bounds") PA_LAUNCH(planted_dynamic_past_end, 1, 32, 24, st, s);
     else if (f == "bounds_at_limit") PA_LAUNCH(planted_bounded, 1, 64, 0, st, s);
     else if (f == "bounds_exceeded") PA_LAUNCH(planted_bounded, 1, 65, 0, st, s);
     else if (f == "bounds_template_at_limit") PA_LAUNCH(planted_bounded_square<8>, 1, dim3(8, 8), 0, st, s);

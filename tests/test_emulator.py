@@ -326,3 +326,33 @@ def test_every_kernel_of_a_training_step_carries_its_launch_bounds():
         assert bound == want if want is not None else bound > 0, (name, expr, bound)
         checked += 1
     assert checked >= 8, seen  # conv, gemm, pool, LRN, dropout, softmax, ... all bounded
+
+
+@pytest.mark.emu
+def test_shared_memory_past_its_end_is_reported():
+    # One float past a __shared__ array (thread 31) and past 20 bytes of dynamic shared memory (thread 5, inside the
+    # 16-byte rounding before the guard page). The race-check build names thread and line for both; the default
+    # builds see the dynamic write after the block (a static overrun reads the next object there: the race-check
+    # and ASan builds are the ones that report it); ASan's reports end the process (test_sanitizers.py).
+    sanitizer = getattr(mod, "sanitizer", None)
+    if sanitizer == "address,undefined":
+        pytest.skip("ASan reports these and ends the process: tests/test_sanitizers.py")
+    s = np.zeros(1024, np.float32)
+    mod.selftest_planted("shared_in_bounds", s)
+    np.testing.assert_array_equal(s[:32], (np.arange(32) + 1) % 32)
+    mod.selftest_planted("dynamic_in_bounds", s)
+    np.testing.assert_array_equal(s[:5], np.arange(5))
+    if sanitizer == "race":
+        with pytest.raises(pa.KernelError, match=r"out-of-bounds shared memory: thread \(31,0,0\) of block \(0,0,0\) "
+                           r"reads 4 bytes at 0x[0-9a-f]+, just past the end of a __shared__ array, at "
+                           r"kernels/selftest\.cu:\d+"):
+            mod.selftest_planted("shared_past_end", s)
+        with pytest.raises(pa.KernelError, match=r"thread \(5,0,0\) of block \(0,0,0\) writes 4 bytes at 0x[0-9a-f]+, "
+                           r"just past the end of the 20 bytes of dynamic shared memory the launch gave it, at "
+                           r"kernels/selftest\.cu:\d+"):
+            mod.selftest_planted("dynamic_past_end", s)
+    else:
+        with pytest.raises(pa.KernelError, match=r"kernel planted_dynamic_past_end .*block \(0,0,0\): a thread wrote "
+                           r"past the 20 bytes of dynamic shared memory the launch gave it \(byte 20"):
+            mod.selftest_planted("dynamic_past_end", s)
+    mod.selftest_planted("dynamic_in_bounds", s)  # the pool goes on

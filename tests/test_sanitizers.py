@@ -21,6 +21,11 @@ PLANTED = {
     "shared_overflow": ("runtime error: index 32 out of bounds for type 'float [32]'", "planted_shared_overflow",
                         "thread (31,0,0)"),
     "misaligned_float4": ("misaligned address", "planted_misaligned_float4", "thread (0,0,0)"),
+    # The kernels every emulator build has (test_emulator.py): one float past a __shared__ array, and one past 20
+    # bytes of dynamic shared memory, inside the 16-byte rounding before the guard page (poisoned for ASan).
+    "shared_past_end": ("runtime error: index 32 out of bounds for type 'float [32]'", "planted_shared_past_end<false>",
+                        "thread (31,0,0)"),
+    "dynamic_past_end": ("AddressSanitizer: use-after-poison", "planted_dynamic_past_end", "thread (5,0,0)"),
 }
 
 

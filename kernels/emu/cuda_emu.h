@@ -44,6 +44,20 @@
 #define __align__(n) __attribute__((aligned(n)))
 #if defined(__SANITIZE_ADDRESS__)
 #define __shared__ static  // ASan sees overflows of globals, not of thread_local: one worker (runtime.cpp)
+#elif defined(PA_EMU_RACECHECK)
+// The race checker's build puts a 64-byte redzone beside every __shared__ object (GCC lays a function's statics
+// out in reverse order of declaration: the redzone declared first follows the object), and reports any access
+// to one (racecheck.cpp): an index past the end of a shared array, by a byte or more.
+namespace pa_emu {
+struct SharedRedzone {
+    unsigned char bytes[64];
+};
+}  // namespace pa_emu
+#define PA_EMU_CAT2(a, b) a##b
+#define PA_EMU_CAT(a, b) PA_EMU_CAT2(a, b)
+#define __shared__                                                                                 \
+    [[gnu::used]] static thread_local pa_emu::SharedRedzone PA_EMU_CAT(pa_shared_redzone_, __COUNTER__); \
+    static thread_local
 #else
 #define __shared__ static thread_local
 #endif

@@ -88,6 +88,17 @@ struct Race {
     bool now_writes = false, before_wrote = false;
 };
 
+// An access past the end of a __shared__ array (into its redzone) or of the dynamic shared memory.
+struct OutOfBounds {
+    bool found = false;
+    uintptr_t addr = 0;
+    size_t bytes = 0;
+    bool write = false;
+    bool dynamic = false;
+    size_t past = 0;  // how far past the end (0: the first byte after it)
+    Stamp now;
+};
+
 // A read of shared memory that no thread of the reading block wrote in this launch (the initcheck of shared
 // memory): what the GPU returns there is whatever an earlier block or kernel left.
 struct Uninitialised {
@@ -102,6 +113,7 @@ uint32_t g_launch = 0;
 const LaunchInfo* g_info = nullptr;
 BlockMemory g_block;
 Race g_race;
+OutOfBounds g_oob;
 bool g_too_large = false;
 uintptr_t g_module_base = 0;
 
@@ -211,11 +223,31 @@ void check_initialised(const Granule& g, uintptr_t lo, uintptr_t hi, uintptr_t p
         if (!written_by_this_block(g, b)) g_uninit = Uninitialised{true, b, stamp(*t_who, 1, 0, pc)};
 }
 
+// Whether [c, c + size) touches forbidden shared memory; records the first such access.
+bool out_of_bounds(const unsigned char* c, size_t size, bool write, uintptr_t pc) {
+    const auto& zones = g_block.forbidden;
+    if (zones.empty() || c + size <= zones.front().begin || c >= zones.back().end) return false;
+    auto it = std::upper_bound(zones.begin(), zones.end(), c,
+                               [](const unsigned char* p, const Forbidden& z) { return p < z.begin; });
+    // The zone that starts at or before c, or the next one if the access reaches into it.
+    const Forbidden* hit = nullptr;
+    if (it != zones.begin() && c < std::prev(it)->end) hit = &*std::prev(it);
+    else if (it != zones.end() && c + size > it->begin) hit = &*it;
+    if (!hit) return false;
+    if (!g_oob.found) {
+        const size_t past = c > hit->begin ? size_t(c - hit->begin) : 0;
+        g_oob = OutOfBounds{true, reinterpret_cast<uintptr_t>(c), size, write, hit->dynamic, past,
+                            stamp(*t_who, 0, 0, pc)};
+    }
+    return true;
+}
+
 void access(const volatile void* p, size_t size, bool write, bool atomic, uintptr_t pc) {
     if (!t_who || g_race.found || g_too_large || size == 0) return;
     const auto addr = reinterpret_cast<uintptr_t>(p);
     const auto* c = reinterpret_cast<const unsigned char*>(addr);
     if (c >= g_block.stacks_begin && c < g_block.stacks_end) return;  // a fiber's own stack
+    if (out_of_bounds(c, size, write, pc)) return;
     const uintptr_t end = addr + size;
     for (uintptr_t granule = addr & ~uintptr_t(3); granule < end && !g_race.found; granule += 4) {
         Granule* g = g_shadow.at(granule);
@@ -267,6 +299,18 @@ std::string describe(const Race& r, const LaunchInfo& info) {
            verb(r.before, r.before_wrote, true) + " at " + source_line(call_site(r.before.pc)) + "; " + why;
 }
 
+std::string describe(const OutOfBounds& o, const LaunchInfo& info) {
+    char addr[32];
+    std::snprintf(addr, sizeof addr, "0x%zx", size_t(o.addr));
+    const std::string where = o.past == 0 ? "just past the end of " : std::to_string(o.past) + " bytes past the end of ";
+    const std::string what = o.dynamic ? "the " + std::to_string(info.dynamic_shared) +
+                                             " bytes of dynamic shared memory the launch gave it"
+                                       : "a __shared__ array";
+    return "out-of-bounds shared memory: thread " + fmt3(o.now.thread, info.block) + " of block " +
+           fmt3(o.now.block, info.grid) + (o.write ? " writes " : " reads ") + std::to_string(o.bytes) +
+           " bytes at " + addr + ", " + where + what + ", at " + source_line(call_site(o.now.pc));
+}
+
 std::string describe(const Uninitialised& u, const LaunchInfo& info) {
     char addr[32];
     std::snprintf(addr, sizeof addr, "0x%zx", size_t(u.addr));
@@ -291,6 +335,7 @@ void begin_launch(const LaunchInfo& info) {
     g_shadow.launch_pages = 0;
     g_info = &info;
     g_race = Race{};
+    g_oob = OutOfBounds{};
     g_uninit = Uninitialised{};
     g_too_large = false;
 }
@@ -299,7 +344,9 @@ void begin_block(const BlockMemory& memory) { g_block = memory; }
 
 std::string end_launch() {
     std::string out;
-    if (g_race.found && g_info)
+    if (g_oob.found && g_info)
+        out = describe(g_oob, *g_info);
+    else if (g_race.found && g_info)
         out = describe(g_race, *g_info);
     else if (g_uninit.found && g_info)
         out = describe(g_uninit, *g_info);
@@ -308,6 +355,7 @@ std::string end_launch() {
               std::to_string(kMaxLaunchPages * (size_t(1) << kPageShift) >> 20) +
               " MB, and the race-check build is for small shapes (its shadow memory takes ~25x what it covers)";
     g_race = Race{};
+    g_oob = OutOfBounds{};
     g_uninit = Uninitialised{};
     g_block = BlockMemory{};
     g_info = nullptr;

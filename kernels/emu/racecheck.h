@@ -53,12 +53,21 @@ struct Pause {
     Pause& operator=(const Pause&) = delete;
 };
 
+// Shared memory no access may touch: a redzone after a __shared__ object, or the slack between the end of the
+// launch's dynamic shared memory and its guard page.
+struct Forbidden {
+    const unsigned char* begin;
+    const unsigned char* end;
+    bool dynamic;
+};
+
 // Memory that belongs to the running block: fiber stacks (private to each thread, never checked) and shared
 // memory (checked, but forgotten when the block ends).
 struct BlockMemory {
     const unsigned char* stacks_begin = nullptr;
     const unsigned char* stacks_end = nullptr;
     std::vector<std::pair<const unsigned char*, const unsigned char*>> shared;  // [begin, end) ranges
+    std::vector<Forbidden> forbidden;  // sorted by begin
 };
 
 void begin_launch(const LaunchInfo& info);

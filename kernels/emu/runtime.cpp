@@ -514,12 +514,30 @@ std::string livelock_report(Worker& w) {
 // memory. Every __shared__ object lives in the module's TLS segment, the kernel's own and those of the
 // __device__ functions it calls: the whole segment counts as shared memory (the runtime's own __thread
 // variables there are only ever read by kernel code).
+[[maybe_unused]] const std::vector<std::pair<size_t, size_t>>& shared_redzones();
+
 template <class BlockMemory>
 [[maybe_unused]] void describe_block_memory(Worker& w, BlockMemory& memory) {
     memory.stacks_begin = w.stacks;
     memory.stacks_end = w.stacks + kMaxThreadsPerBlock * Worker::kStackSlot;
     memory.shared.emplace_back(t_dynamic_shared, w.dynamic_guard);
     if (w.tls_block) memory.shared.emplace_back(w.tls_block, w.tls_block + w.tls_size);
+}
+
+// The dynamic shared memory ends at the next 16-byte boundary, where the guard page begins: the few bytes between
+// the size the launch asked for and that boundary start poisoned (0xff), and a block that changed one wrote
+// past the end. (A read there goes unseen in this build: the race-check and ASan builds report every access
+// there as it happens, naming the thread.)
+[[maybe_unused]] void check_dynamic_slack(Worker& w, const LaunchInfo& info) {
+    const unsigned char* end = t_dynamic_shared + info.dynamic_shared;
+    for (const unsigned char* p = end; p < w.dynamic_guard; ++p)
+        if (*p != 0xff) {
+            record_error(w, "a thread wrote past the " + std::to_string(info.dynamic_shared) + " bytes of dynamic "
+                            "shared memory the launch gave it (byte " + std::to_string(p - t_dynamic_shared) +
+                            ", before the guard page at the next 16-byte boundary; the race-check build names the "
+                            "thread and line)");
+            return;
+        }
 }
 
 void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<size_t, size_t>>& static_shared,
@@ -532,6 +550,11 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     // so a kernel that reads before writing gets garbage here too, not zeros or the previous block's data.
     t_dynamic_shared = w.dynamic_guard - (info.dynamic_shared + 15) / 16 * 16;
     std::memset(t_dynamic_shared, 0xff, w.dynamic_guard - t_dynamic_shared);
+#if PA_EMU_ASAN
+    // ASan reports any access to the bytes past the requested size (the guard page covers the rest).
+    ASAN_UNPOISON_MEMORY_REGION(w.dynamic_region, w.dynamic_guard - w.dynamic_region);
+    ASAN_POISON_MEMORY_REGION(t_dynamic_shared + info.dynamic_shared, w.dynamic_guard - t_dynamic_shared - info.dynamic_shared);
+#endif
     if (static_base)
         for (const auto& [offset, bytes] : static_shared) std::memset(static_base + offset, 0xff, bytes);
     w.nthreads = int(b.x * b.y * b.z);
@@ -554,6 +577,14 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
 #if PA_EMU_RACE
     race::BlockMemory memory;
     describe_block_memory(w, memory);
+    // What no access may touch: the redzone after each __shared__ object (cuda_emu.h), and the bytes between the
+    // end of the dynamic shared memory the launch asked for and the guard page (it starts 16-byte aligned).
+    for (const auto& [offset, bytes] : shared_redzones())
+        if (w.tls_block) memory.forbidden.push_back({w.tls_block + offset, w.tls_block + offset + bytes, false});
+    if (t_dynamic_shared + info.dynamic_shared < w.dynamic_guard)
+        memory.forbidden.push_back({t_dynamic_shared + info.dynamic_shared, w.dynamic_guard, true});
+    std::sort(memory.forbidden.begin(), memory.forbidden.end(),
+              [](const race::Forbidden& a, const race::Forbidden& b) { return a.begin < b.begin; });
     race::begin_block(memory);
 #endif
 #if PA_EMU_PROF
@@ -616,7 +647,12 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
             if (!w.error.empty()) return;
             bool any_runnable = false;
             for (int i = 0; i < w.nthreads && !any_runnable; ++i) any_runnable = w.fibers[i].state == State::Runnable;
-            if (!any_runnable) return;  // all done
+            if (!any_runnable) {  // all done
+#if !PA_EMU_ASAN && !PA_EMU_RACE
+                check_dynamic_slack(w, info);  // (those two builds report the access itself, with its thread)
+#endif
+                return;
+            }
         }
     }
 }
@@ -1022,6 +1058,7 @@ struct SymbolTable {
     std::map<uintptr_t, std::string> functions;  // offset in the module -> mangled name
     // Function-local statics: mangled name -> (TLS offset or, for a plain static, address in the module; size).
     std::map<std::string, std::pair<size_t, size_t>> tls_objects;
+    std::vector<std::pair<size_t, size_t>> shared_redzones;  // (TLS offset, size): the race-check build's
     bool loaded = false;
 };
 
@@ -1048,6 +1085,8 @@ SymbolTable read_symbols(const char* path) {
             const bool local_static = std::strncmp(name, "_ZZ", 3) == 0;
             if (type == STT_TLS || (PA_EMU_ASAN && type == STT_OBJECT && local_static))
                 table.tls_objects[name] = {syms[j].st_value, syms[j].st_size};
+            if (type == STT_TLS && std::strstr(name, "pa_shared_redzone_"))
+                table.shared_redzones.emplace_back(syms[j].st_value, syms[j].st_size);
         }
         table.loaded = true;
     }
@@ -1083,6 +1122,7 @@ const StaticShared& static_shared(const void* kernel) {
             found.bytes = 0;
             for (auto it = table.tls_objects.lower_bound(prefix);
                  it != table.tls_objects.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it) {
+                if (it->first.find("pa_shared_redzone_") != std::string::npos) continue;  // the race checker's
                 found.bytes += (long long)it->second.second;
                 found.objects.push_back(it->second);
             }
@@ -1121,6 +1161,17 @@ int launch_bound(const void* kernel) {
     (void)code;
 #endif
     return nops;
+}
+
+// The race-check build's redzones of every __shared__ object in this module (TLS offset, size), read once.
+[[maybe_unused]] const std::vector<std::pair<size_t, size_t>>& shared_redzones() {
+    static const auto* redzones = [] {
+        Dl_info self;
+        if (!dladdr(reinterpret_cast<void*>(&module_tls_block), &self) || !self.dli_fname)
+            return new std::vector<std::pair<size_t, size_t>>;
+        return new std::vector<std::pair<size_t, size_t>>(read_symbols(self.dli_fname).shared_redzones);
+    }();
+    return *redzones;
 }
 
 // This thread's instance of our module's TLS segment, where the static __shared__ variables live, and its size.
