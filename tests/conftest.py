@@ -70,3 +70,29 @@ def run_python(code, timeout=120, **env):
     return subprocess.run(
         [sys.executable, "-c", code], env=full, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=timeout
     )
+
+
+def cli(*args, cwd, timeout=300, **env):
+    """`python -m pyalexnet ARGS` in `cwd`, with extra environment variables (None removes one)."""
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "pyalexnet", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=full, timeout=timeout)
+
+
+def tiny_run(root, seed, max_steps, **train_args):
+    """Under `root`: the demo's images (4 + 2 a class, 72 x 72), prepared into data/, and a checkpoint of the small
+    network trained `max_steps` steps on them in run/."""
+    from pyalexnet.data import prepare
+    from pyalexnet.demo import write_demo_data
+    from pyalexnet.train import train
+
+    write_demo_data(root / "images", train_per_class=4, val_per_class=2, size=72, seed=seed)
+    prepare(root / "images", root / "data", size=72, workers=1, progress=False)
+    train(root / "data", root / "run", width=0.25, crop=67, init="kaiming", batch_size=8, max_steps=max_steps,
+          schedule="constant", progress=False, echo=lambda *a: None, **train_args)
+    return root
+

@@ -3,23 +3,15 @@ never a traceback; --help shows every default and every option has help; --versi
 what this call did. Each case runs `python -m pyalexnet` in a fresh process, as a shell would."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import cli, tiny_run
 
 import pyalexnet as pa
 from pyalexnet.__main__ import _parser
 
 pytest.importorskip("PIL")
-
-
-def cli(*args, cwd, timeout=300, **env):
-    full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
-    return subprocess.run([sys.executable, "-m", "pyalexnet", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=full, timeout=timeout)
 
 
 def one_line_error(r, *fragments, code=2, warnings=False):
@@ -37,16 +29,7 @@ def one_line_error(r, *fragments, code=2, warnings=False):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A prepared demo dataset (72 x 72) and a 2-step checkpoint of the small network on it."""
-    from pyalexnet.data import prepare
-    from pyalexnet.demo import write_demo_data
-    from pyalexnet.train import train
-
-    root = tmp_path_factory.mktemp("cli")
-    write_demo_data(root / "images", train_per_class=4, val_per_class=2, size=72, seed=3)
-    prepare(root / "images", root / "data", size=72, workers=1, progress=False)
-    train(root / "data", root / "run", width=0.25, crop=67, init="kaiming", batch_size=8, max_steps=2,
-          schedule="constant", progress=False, echo=lambda *a: None)
-    return root
+    return tiny_run(tmp_path_factory.mktemp("cli"), seed=3, max_steps=2)
 
 
 # ---- 10: errors are one line naming the flag ------------------------------------------------------------------------

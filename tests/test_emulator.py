@@ -279,10 +279,10 @@ def test_a_bad_watchdog_period_is_a_clear_error():
 
 @pytest.mark.emu
 @pytest.mark.parametrize("fault, report", [
-    ("bounds_exceeded", r"kernel planted_bounded \(launched at kernels/selftest\.cu:\d+\): block \(65,1,1\) has 65 "
-     r"threads, more than the kernel's __launch_bounds__\(64\): a GPU refuses the launch"),
-    ("bounds_template_exceeded", r"kernel planted_bounded_square<8> \(launched at kernels/selftest\.cu:\d+\): block "
-     r"\(8,9,1\) has 72 threads, more than the kernel's __launch_bounds__\(64\)"),
+    ("bounds_exceeded", (r"kernel planted_bounded \(launched at kernels/selftest\.cu:\d+\): block \(65,1,1\) has 65 "
+                         r"threads, more than the kernel's __launch_bounds__\(64\): a GPU refuses the launch")),
+    ("bounds_template_exceeded", (r"kernel planted_bounded_square<8> \(launched at kernels/selftest\.cu:\d+\): "
+                                  r"block \(8,9,1\) has 72 threads, more than the kernel's __launch_bounds__\(64\)")),
 ])
 def test_a_launch_past_the_kernels_launch_bounds_fails(fault, report):
     s = np.zeros(1024, np.float32)
@@ -296,7 +296,7 @@ def test_a_launch_past_the_kernels_launch_bounds_fails(fault, report):
 def _declared_launch_bounds():
     """kernel name -> its __launch_bounds__ expression, from the sources, and the named constants they use."""
     sources = "\n".join(p.read_text() for p in (ROOT / "kernels").glob("*.cu*"))  # .cu and .cuh
-    declared = dict((name, expr) for expr, name in re.findall(r"__launch_bounds__\(([^()]*)\)\s*(\w+)\s*\(", sources))
+    declared = {name: expr for expr, name in re.findall(r"__launch_bounds__\(([^()]*)\)\s*(\w+)\s*\(", sources)}
     constants = {}
     for decl in re.findall(r"constexpr int ([^;]*);", sources):
         for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", decl):

@@ -5,12 +5,11 @@ torchvision's ImageFolder refuses them; `extra` takes NumPy scalars."""
 
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
 import pytest
+from conftest import cli, tiny_run
 
 import pyalexnet as pa
 from pyalexnet import Preprocess
@@ -23,21 +22,7 @@ pytest.importorskip("PIL")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A prepared demo dataset and a 3-step checkpoint trained on it, without flips."""
-    from pyalexnet.data import prepare
-    from pyalexnet.demo import write_demo_data
-    from pyalexnet.train import train
-
-    root = tmp_path_factory.mktemp("predict")
-    write_demo_data(root / "images", train_per_class=4, val_per_class=2, size=72, seed=5)
-    prepare(root / "images", root / "data", size=72, workers=1, progress=False)
-    train(root / "data", root / "run", width=0.25, crop=67, init="kaiming", batch_size=8, max_steps=3,
-          schedule="constant", flip=False, progress=False, echo=lambda *a: None)
-    return root
-
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pyalexnet", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return tiny_run(tmp_path_factory.mktemp("predict"), seed=5, max_steps=3, flip=False)
 
 
 def _meta(path) -> dict:

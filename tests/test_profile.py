@@ -220,6 +220,7 @@ def baseline_profile():
     return base, profile.profile(base["variant"], base["batch"], base["card"], base["interior_samples"])
 
 
+@pytest.mark.profile_guard
 def test_predicted_step_matches_the_committed_baseline(baseline_profile):
     """The CI guard: a change that makes the predicted step more than 3 % slower (or faster) must update
     bench/perf-baseline.json in the same commit."""
@@ -227,6 +228,7 @@ def test_predicted_step_matches_the_committed_baseline(baseline_profile):
     assert profile.compare_with_baseline(result, base) == []
 
 
+@pytest.mark.profile_guard
 def test_profile_result_is_labelled_predicted(baseline_profile):
     _, result = baseline_profile
     assert result["kind"] == "predicted" and result["note"] == profile.NOTE
