@@ -549,10 +549,13 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
     // Shared memory is not initialised on the GPU: poison it (every float reads as NaN), static and dynamic,
     // so a kernel that reads before writing gets garbage here too, not zeros or the previous block's data.
     t_dynamic_shared = w.dynamic_guard - (info.dynamic_shared + 15) / 16 * 16;
+#if PA_EMU_ASAN
+    // ASan reports any access to the bytes past the requested size (the guard page covers the rest); the last
+    // block's poisoned bytes are unpoisoned first, for the memset below.
+    ASAN_UNPOISON_MEMORY_REGION(w.dynamic_region, w.dynamic_guard - w.dynamic_region);
+#endif
     std::memset(t_dynamic_shared, 0xff, w.dynamic_guard - t_dynamic_shared);
 #if PA_EMU_ASAN
-    // ASan reports any access to the bytes past the requested size (the guard page covers the rest).
-    ASAN_UNPOISON_MEMORY_REGION(w.dynamic_region, w.dynamic_guard - w.dynamic_region);
     ASAN_POISON_MEMORY_REGION(t_dynamic_shared + info.dynamic_shared, w.dynamic_guard - t_dynamic_shared - info.dynamic_shared);
 #endif
     if (static_base)
