@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -124,7 +125,7 @@ struct Fiber {
     Group* group = nullptr;
     // Runtime code on this fiber's stack (scheduler state half-updated): the watchdog must not preempt it.
     // A fiber starts in runtime code; run_thread_body lowers it around the kernel itself.
-    int runtime_depth = 1;
+    volatile int runtime_depth = 1;  // read by the preemption handler: see set_depth
     Yielded yielded = Yielded::No;
     uintptr_t preempted_pc = 0;  // where the watchdog last preempted it (Yielded::Preempted)
 #if PA_EMU_ASAN
@@ -229,7 +230,8 @@ struct Worker {
     std::atomic<unsigned> resumes{0};
     std::atomic<unsigned> progress{0};
     std::atomic<bool> preempt{false};   // the instrumented builds' hooks yield when they see it
-    std::atomic<bool> livelock{false};  // the scheduler fails the block
+    std::atomic<bool> livelock{false};  // the scheduler fails the block ...
+    std::atomic<unsigned> livelock_progress{0};  // ... if its progress is still this
     std::atomic<bool> in_block{false};  // between a block's start and its end
     pthread_t thread{};
 #if defined(PA_EMU_OWN_SWITCH)
@@ -291,17 +293,25 @@ void lane_exited(Worker& w, Fiber& f);
 
 void note_progress(Worker& w) { w.progress.store(w.progress.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
 
+// The preemption handler reads a fiber's runtime depth between any two instructions: the compiler must not move
+// the runtime's own stores across the change (volatile keeps the store, the fence keeps the order).
+void set_depth(Fiber& f, int depth) {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    f.runtime_depth = depth;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+
 void run_thread_body(Fiber* f) {
     try {
-        f->runtime_depth = 0;
+        set_depth(*f, 0);
         (*t_worker->body)();
-        f->runtime_depth = 1;
+        set_depth(*f, 1);
         lane_exited(*t_worker, *f);
     } catch (const std::exception& e) {
-        f->runtime_depth = 1;
+        set_depth(*f, 1);
         record_error(*t_worker, e.what());
     } catch (...) {
-        f->runtime_depth = 1;
+        set_depth(*f, 1);
         record_error(*t_worker, thread_at(*f) + ": an exception not derived from std::exception");
     }
     f->state = State::Done;
@@ -311,8 +321,8 @@ void run_thread_body(Fiber* f) {
 // Marks runtime code that runs on a fiber (it may switch away inside): not a point to preempt.
 struct RuntimeCode {
     Fiber& f;
-    explicit RuntimeCode(Fiber& fiber) : f(fiber) { ++f.runtime_depth; }
-    ~RuntimeCode() { --f.runtime_depth; }
+    explicit RuntimeCode(Fiber& fiber) : f(fiber) { set_depth(f, f.runtime_depth + 1); }
+    ~RuntimeCode() { set_depth(f, f.runtime_depth - 1); }
     RuntimeCode(const RuntimeCode&) = delete;
     RuntimeCode& operator=(const RuntimeCode&) = delete;
 };
@@ -632,11 +642,18 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
             if (f.state != State::Runnable) continue;
             ran = true;
             enter_fiber_context(f);
+            // Counted on the way in and out: the watchdog preempts only a fiber it saw running for a whole tick.
+            w.resumes.store(w.resumes.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
             w.in_fiber.store(1, std::memory_order_relaxed);
             resume(w, f);
             leave_fiber_context(w);
             w.resumes.store(w.resumes.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-            if (w.livelock.load(std::memory_order_relaxed)) record_error(w, livelock_report(w));
+            w.preempt.store(false, std::memory_order_relaxed);  // a request for the fiber that just yielded
+            if (w.livelock.load(std::memory_order_relaxed)) {
+                w.livelock.store(false, std::memory_order_relaxed);
+                if (w.livelock_progress.load(std::memory_order_relaxed) == w.progress.load(std::memory_order_relaxed))
+                    record_error(w, livelock_report(w));  // (else: the watchdog's look predates some progress)
+            }
             if (!w.canary_intact(i)) {
                 // The overflow ran into the stacks below this one: every canary is suspect, so renew them all.
                 for (unsigned j = 0; j < kMaxThreadsPerBlock; ++j) w.write_canary(int(j));
@@ -778,7 +795,8 @@ void give_worker_a_signal_stack() {
 // scheduler would never let happen. So the pool's watchdog thread looks at every worker each kWatchdogTick: one
 // whose fiber has run a whole tick without a switch is preempted, and the others get their turn. And a block
 // that has made no progress at all (no barrier released, no collective completed, no thread finished) for
-// PYALEXNET_EMU_WATCHDOG seconds (default 30; 0: never) fails with a livelock report naming where its running
+// PYALEXNET_EMU_WATCHDOG seconds (default 30, 120 in the checking builds; 0: never) fails with a livelock report
+// naming where its running
 // threads are.
 //
 // Preempting: in the default and ASan builds the watchdog sends the worker kPreemptSignal, whose handler runs
@@ -819,7 +837,7 @@ uintptr_t interrupted_pc(const void* context) {
     return uintptr_t(uc->uc_mcontext.pc);
 #else
     (void)uc;
-    return 0;  // unknown: never preempted (spins then end in the livelock report)
+    return 0;  // unknown: never preempted (a spin there never ends: use __nanosleep or an atomic)
 #endif
 }
 
@@ -844,8 +862,8 @@ void preempt(Fiber& f, uintptr_t pc) {
 // The instrumented builds' preemption point, at a hook's entry (kernel code, about to access memory).
 void take_preemption(uintptr_t pc) {
     Worker* w = t_worker;
-    g_preempt_asked.store(false, std::memory_order_relaxed);
-    if (!w || !w->preempt.exchange(false, std::memory_order_relaxed)) return;
+    if (!w || !w->preempt.exchange(false, std::memory_order_relaxed)) return;  // another worker's request
+    g_preempt_asked.store(false, std::memory_order_relaxed);  // (the watchdog asks again while others need it)
     if (w->in_fiber.load(std::memory_order_relaxed) && t_fiber && t_fiber->runtime_depth == 0) preempt(*t_fiber, pc);
 }
 
@@ -867,7 +885,18 @@ void on_preempt(int sig, siginfo_t* info, void* context) {
     const int saved_errno = errno;
     Fiber& f = *t_fiber;
     const uintptr_t pc = interrupted_pc(context);
-    if (preemptible(*w, f, pc, static_cast<const unsigned char*>(__builtin_frame_address(0)))) preempt(f, pc);
+    if (preemptible(*w, f, pc, static_cast<const unsigned char*>(__builtin_frame_address(0)))) {
+#if defined(__x86_64__)
+        // The handler starts with the default floating-point control state; the fibers that run before this
+        // one's sigreturn must get the thread's own (rounding, flush-to-zero), as after any other switch.
+        if (const auto* fp = static_cast<const ucontext_t*>(context)->uc_mcontext.fpregs) {
+            unsigned mxcsr = fp->mxcsr;
+            unsigned short cw = fp->cwd;
+            asm volatile("ldmxcsr %0\n\tfldcw %1" : : "m"(mxcsr), "m"(cw));
+        }
+#endif
+        preempt(f, pc);
+    }
     errno = saved_errno;
 #endif
 }
@@ -885,7 +914,7 @@ void install_preempt_handler() {
 
 double configured_watchdog_seconds() {
     const char* s = std::getenv("PYALEXNET_EMU_WATCHDOG");
-    if (!s) return 30.0;
+    if (!s) return PA_EMU_ASAN || PA_EMU_RACE || PA_EMU_PROF ? 120.0 : 30.0;  // the checking builds run 10-100x slower
     char* end = nullptr;
     const double v = std::strtod(s, &end);
     if (end == s || *end != '\0' || !(v >= 0.0) || v > 1e6)
@@ -920,6 +949,10 @@ public:
 private:
     void loop() {
         give_worker_a_signal_stack();
+        sigset_t preempt_signal;  // a worker inherits its creator's signal mask: make sure the watchdog reaches it
+        sigemptyset(&preempt_signal);
+        sigaddset(&preempt_signal, kPreemptSignal);
+        pthread_sigmask(SIG_UNBLOCK, &preempt_signal, nullptr);
         Worker w;
         t_worker = &w;  // also makes sure this thread's TLS block for the module exists before we look for it
         w.tls_block = module_tls_block(&w.tls_size);
@@ -971,6 +1004,7 @@ private:
                 const bool in_block = w.in_block.load(std::memory_order_relaxed);
                 was.stale_ticks = in_block && progress == was.progress ? was.stale_ticks + 1 : 0;
                 if (watchdog_seconds_ > 0 && was.stale_ticks * tick >= watchdog_seconds_) {
+                    w.livelock_progress.store(progress, std::memory_order_relaxed);
                     w.livelock.store(true, std::memory_order_relaxed);
                     was.stale_ticks = 0;
                 }
@@ -1356,7 +1390,7 @@ void atomic_poll() {
 }
 
 void device_assert_failed(const char* expression, const char* file, int line) {
-    ++t_fiber->runtime_depth;  // never lowered: the thread ends
+    set_depth(*t_fiber, t_fiber->runtime_depth + 1);  // never lowered: the thread ends
     throw pa::KernelError("assertion failed at " + site(file, line) + ", " + thread_at(*t_fiber) + ": " + expression);
 }
 
