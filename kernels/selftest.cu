@@ -693,8 +693,6 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "uninit_control_helper") PA_LAUNCH(planted_uninit_helper<true>, 2, 64, 64 * sizeof(float), st, s);
     else if (f == "uninit_bytes") PA_LAUNCH(planted_uninit_bytes<false>, 1, 64, 0, st, s);
     else if (f == "uninit_control_bytes") PA_LAUNCH(planted_uninit_bytes<true>, 1, 64, 0, st, s);
-#endif
-#if !defined(__CUDACC__)
     else if (f == "spin_volatile_shared") PA_LAUNCH(planted_spin_volatile<false>, 1, 64, 0, st, s);
     else if (f == "spin_volatile_global") PA_LAUNCH(planted_spin_volatile<true>, 1, 64, 0, st, s);
     else if (f == "shared_past_end") PA_LAUNCH(planted_shared_past_end<false>, 1, 32, 0, st, s);

@@ -169,14 +169,19 @@ def test_a_forked_child_gets_its_own_worker_pool():
 
 
 @pytest.mark.emu
-def test_bad_worker_count_is_a_clear_error():
+@pytest.mark.parametrize("variable, value, error", [
+    ("PYALEXNET_EMU_WORKERS", "zero", "PYALEXNET_EMU_WORKERS must be an integer in [1, 1024], got 'zero'"),
+    ("PYALEXNET_EMU_WATCHDOG", "soon", "PYALEXNET_EMU_WATCHDOG must be a number of seconds in [0, 1e6] (0: off), "
+                                       "got 'soon'"),
+])
+def test_a_bad_emulator_setting_is_a_clear_error(variable, value, error):
     code = (
         "import numpy as np, pyalexnet as pa\n"
         "try:\n    pa.ops.relu_forward(np.ones(3, np.float32))\n"
         "except pa.KernelError as e:\n    print('ERR', e)\n"
     )
-    out = run_python(code, PYALEXNET_BACKEND="emu", PYALEXNET_EMU_WORKERS="zero")
-    assert "ERR PYALEXNET_EMU_WORKERS must be an integer in [1, 1024], got 'zero'" in out.stdout
+    out = run_python(code, PYALEXNET_BACKEND="emu", **{variable: value})
+    assert f"ERR {error}" in out.stdout
 
 
 @pytest.mark.skipif(ON_CUDA, reason="planted faults are emulator-only")
@@ -264,17 +269,6 @@ def test_a_spin_wait_that_nothing_releases_is_reported_by_the_watchdog(fault, wh
                      rf"for 0\.5 s no thread of the block reached a barrier.*still running: {where}\.", err), err
     assert 0.4 < float(after.split()[1]) < 10, after
     assert then == "then 64.0"  # the next launch runs as usual
-
-
-@pytest.mark.emu
-def test_a_bad_watchdog_period_is_a_clear_error():
-    code = (
-        "import numpy as np, pyalexnet as pa\n"
-        "try:\n    pa.ops.relu_forward(np.ones(3, np.float32))\n"
-        "except pa.KernelError as e:\n    print('ERR', e)\n"
-    )
-    out = run_python(code, PYALEXNET_BACKEND="emu", PYALEXNET_EMU_WATCHDOG="soon")
-    assert "ERR PYALEXNET_EMU_WATCHDOG must be a number of seconds in [0, 1e6] (0: off), got 'soon'" in out.stdout
 
 
 @pytest.mark.emu

@@ -1137,19 +1137,26 @@ struct StaticShared {
     std::string symbol;                                // the kernel's mangled name, empty if unknown
 };
 
+// A module's symbol table, read once per file and cached (map nodes never move, so the reference stays valid).
+const SymbolTable& module_symbols(const char* path) {
+    static std::mutex* m = new std::mutex;
+    static auto* tables = new std::map<std::string, SymbolTable>;
+    std::lock_guard<std::mutex> lk(*m);
+    auto t = tables->find(path);
+    if (t == tables->end()) t = tables->emplace(path, read_symbols(path)).first;
+    return t->second;
+}
+
 // The kernel's static shared memory, measured once and cached (map nodes never move, so the reference stays valid).
 const StaticShared& static_shared(const void* kernel) {
     static std::mutex* m = new std::mutex;
     static auto* cache = new std::map<const void*, StaticShared>;
-    static auto* tables = new std::map<std::string, SymbolTable>;
     std::lock_guard<std::mutex> lk(*m);
     if (auto it = cache->find(kernel); it != cache->end()) return it->second;
     StaticShared found;
     Dl_info info;
     if (dladdr(kernel, &info) && info.dli_fname) {
-        auto t = tables->find(info.dli_fname);
-        if (t == tables->end()) t = tables->emplace(info.dli_fname, read_symbols(info.dli_fname)).first;
-        const SymbolTable& table = t->second;
+        const SymbolTable& table = module_symbols(info.dli_fname);
         const uintptr_t offset = reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase);
         auto fn = table.functions.find(offset);
         found.module_base = static_cast<unsigned char*>(info.dli_fbase);
@@ -1175,8 +1182,8 @@ std::mutex& bounds_seen_mutex() {
     static auto* m = new std::mutex;
     return *m;
 }
-std::map<std::string, int>& bounds_seen() {
-    static auto* m = new std::map<std::string, int>;
+std::map<const char*, int>& bounds_seen() {  // keyed by the launch's name literal: no allocation per launch
+    static auto* m = new std::map<const char*, int>;
     return *m;
 }
 
@@ -1202,11 +1209,11 @@ int launch_bound(const void* kernel) {
 
 // The race-check build's redzones of every __shared__ object in this module (TLS offset, size), read once.
 [[maybe_unused]] const std::vector<std::pair<size_t, size_t>>& shared_redzones() {
-    static const auto* redzones = [] {
+    static const auto* redzones = []() -> const std::vector<std::pair<size_t, size_t>>* {
         Dl_info self;
         if (!dladdr(reinterpret_cast<void*>(&module_tls_block), &self) || !self.dli_fname)
             return new std::vector<std::pair<size_t, size_t>>;
-        return new std::vector<std::pair<size_t, size_t>>(read_symbols(self.dli_fname).shared_redzones);
+        return &module_symbols(self.dli_fname).shared_redzones;
     }();
     return *redzones;
 }
@@ -1241,7 +1248,9 @@ int worker_count() { return pool().size(); }
 
 std::map<std::string, int> launch_bounds_seen() {
     std::lock_guard<std::mutex> lk(bounds_seen_mutex());
-    return bounds_seen();
+    std::map<std::string, int> out;
+    for (const auto& [name, bound] : bounds_seen()) out[name] = bound;
+    return out;
 }
 
 namespace {
