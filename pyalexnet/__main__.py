@@ -180,6 +180,12 @@ def _add_train_args(p):
     p.add_argument("--resume", default=None, help="continue the run of this checkpoint (e.g. OUT/last.npz)")
     p.add_argument("--max-steps", type=POSITIVE_INT, default=None,
                    help="stop, with a checkpoint, after this many steps of this call (default: no limit)")
+    p.add_argument("--loader-threads", type=POSITIVE_INT, default=None,
+                   help="threads staging the batches (default: one per CPU, at most 4)")
+    p.add_argument("--shuffle", choices=["full", "window"], default="full",
+                   help="full: a permutation of the whole set each epoch; window: shards in random order, images "
+                        "shuffled within --shuffle-window shards (for data larger than memory)")
+    p.add_argument("--shuffle-window", type=POSITIVE_INT, default=8, help="shards per window of --shuffle window")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -193,7 +199,8 @@ def _train(args) -> int:
               flip=not args.no_flip, pca=not args.no_pca, random_crop=not args.no_random_crop,
               log_loss=args.log_loss, tensorboard=not args.no_tensorboard, overwrite=args.overwrite,
               checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
-              max_steps=args.max_steps, progress=not args.no_progress)
+              max_steps=args.max_steps, progress=not args.no_progress, loader_threads=args.loader_threads,
+              shuffle=args.shuffle, shuffle_window=args.shuffle_window)
     print(f"checkpoints in {args.out}")  # train() has said what this call did
     return 130 if r["stopped"] == "interrupted" else 0
 
@@ -262,7 +269,7 @@ def _prepare(args) -> int:
     t = time.perf_counter()
     call = {}
     m = prepare(args.src, args.out, args.size, args.workers, args.shard_images, progress=not args.no_progress,
-                report=call)
+                report=call, interleave=args.interleave)
     dt = time.perf_counter() - t
     print(f"{m['splits']['train']['count']} training and {m['splits'].get('val', {}).get('count', 0)} validation "
           f"images of {len(m['classes'])} classes in {args.out} ({len(m['skipped'])} unreadable, skipped)")
@@ -340,6 +347,9 @@ def _parser() -> Parser:
     p.add_argument("--size", type=POSITIVE_INT, default=256, help="the stored images' side (the paper's 256)")
     p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes (default: one per CPU)")
     p.add_argument("--shard-images", type=POSITIVE_INT, default=512, help="images per shard")
+    p.add_argument("--interleave", action="store_true",
+                   help="shard the training images in a fixed random order, not class by class (every shard a "
+                        "sample of all classes: for train --shuffle window)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_train_args(sub.add_parser("train", help="train AlexNet on a prepared dataset"))
     p = sub.add_parser("eval", help="top-1 / top-5 error of a checkpoint")

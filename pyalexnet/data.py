@@ -33,11 +33,15 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack, contextmanager
+from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -190,11 +194,15 @@ def _plan_hash(files, labels, size) -> str:
 
 
 def prepare(src, out, size: int = 256, workers: int | None = None, shard_images: int = 512,
-            progress: bool = True, report: dict | None = None) -> dict:
+            progress: bool = True, report: dict | None = None, interleave: bool = False) -> dict:
     """Preprocesses the folder `src` into `out` (see the module's docstring); returns the dataset.json contents.
     `report`, a dict when given, receives what this call did: "shards" (decoded now), "shards_kept" (finished
     by an earlier call and kept), "images" (files decoded now). Rerunning it resumes: finished shards are kept. A class none of whose training files decodes is an error naming it. With workers > 1 it starts processes by "spawn", which
-    re-imports the calling script: a script that calls prepare() must do so under `if __name__ == "__main__":`."""
+    re-imports the calling script: a script that calls prepare() must do so under `if __name__ == "__main__":`.
+
+    `interleave`: the training files in a fixed pseudo-random order (seed 0) instead of class by class, so that
+    every shard holds a sample of all classes: what the loader's windowed shuffle needs (a window of shards is then
+    a random sample of the whole set). Changing it rewrites the training shards."""
     from tqdm import tqdm
 
     size = check.positive_int(size, "size")
@@ -207,6 +215,8 @@ def prepare(src, out, size: int = 256, workers: int | None = None, shard_images:
     tasks, done = [], {}
     for split in ("train", "val"):
         items = listing[split]
+        if interleave and split == "train":
+            items = [items[i] for i in np.random.default_rng(0).permutation(len(items))]
         for index, start in enumerate(range(0, len(items), shard_images)):
             files = [str(p) for p, _ in items[start : start + shard_images]]
             labels = [label for _, label in items[start : start + shard_images]]
@@ -304,26 +314,149 @@ def _finish(out: Path, listing: dict, done: dict, size: int) -> dict:
 
 
 # ---- reading a prepared dataset ---------------------------------------------------------------------------------------
-@dataclass
+def _open_limit() -> int:
+    """How many shard files a dataset keeps open: a quarter of the process's limit, at most 256 (ImageNet has
+    about 2,600 shards and many systems allow 1,024 open files)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(4, min(256, (soft if soft > 0 else 1024) // 4))
+
+
+class _ShardFiles:
+    """The shards' open file descriptors, opened on first use, the least recently used closed when more than
+    `limit` are open, but never one a reader holds. Thread-safe: the staging threads share it."""
+
+    def __init__(self, paths, limit: int):
+        self.paths, self.limit = [str(p) for p in paths], limit
+        self._lock = threading.Lock()
+        self._open: OrderedDict[int, list] = OrderedDict()  # shard -> [fd, readers]
+
+    @contextmanager
+    def use(self, shard: int):
+        with self._lock:
+            entry = self._open.get(shard)
+            if entry is None:
+                entry = self._open[shard] = [os.open(self.paths[shard], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), 0]
+            else:
+                self._open.move_to_end(shard)
+            entry[1] += 1
+            self._trim()
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                self._trim()
+
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def _trim(self):
+        while len(self._open) > self.limit:
+            idle = next((s for s, (_, readers) in self._open.items() if readers == 0), None)
+            if idle is None:
+                return  # every open file is being read: over the limit until one is released
+            os.close(self._open.pop(idle)[0])
+
+    def close(self):
+        with self._lock:
+            for fd, _ in self._open.values():
+                os.close(fd)
+            self._open.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
+
+
 class Split:
-    images: list  # memory-mapped uint8 arrays, one per shard
-    labels: np.ndarray  # int32, all shards
-    starts: np.ndarray  # the first global index of each shard
+    """One split of a prepared dataset: its shards, read with pread into the caller's buffers.
+
+    Not memory maps: a map keeps its file open (one per shard: too many for ImageNet's ~2,600 under the usual
+    limit of 1,024), and a map of a file that shrank kills the process with SIGBUS where a read returns short
+    and becomes an error naming the file. Reading is thread-safe and releases the interpreter lock."""
+
+    def __init__(self, paths, offsets, counts, labels, image_shape):
+        self.paths = [Path(p) for p in paths]
+        self.offsets = [int(o) for o in offsets]  # where each shard's pixels start (after the .npy header)
+        self.counts = np.asarray(counts, np.int64)
+        self.labels = labels  # int32, all shards
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)  # first index per shard
+        self.image_shape = tuple(image_shape)
+        self.row_bytes = int(np.prod(self.image_shape))
+        self.files = _ShardFiles(self.paths, _open_limit())
 
     def __len__(self):
         return len(self.labels)
 
-    def gather(self, indices) -> np.ndarray:
-        """uint8 (len(indices), S, S, 3), read from the shards in the order given."""
+    def locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, index within the shard) of each global image index."""
         indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"image indices must lie in [0, {len(self)}), got {indices.min()}..{indices.max()}")
         shard = np.searchsorted(self.starts, indices, side="right") - 1
-        out = np.empty((len(indices), *self.images[0].shape[1:]), np.uint8)
-        for s in np.unique(shard):
-            rows = np.nonzero(shard == s)[0]
-            local = indices[rows] - self.starts[s]
-            order = np.argsort(local)  # ascending offsets: sequential reads of the memory map
-            out[rows[order]] = self.images[s][local[order]]
+        return shard, indices - self.starts[shard]
+
+    def read_into(self, out: np.ndarray, positions, indices) -> None:
+        """out[positions[i]] = image indices[i] (out: uint8 (n, S, S, 3), C-contiguous), in ascending file order,
+        by pyalexnet._staging.read_rows: one pread per image with the interpreter lock released, so that
+        several threads read side by side."""
+        from . import _staging
+
+        positions = np.asarray(positions, np.int64)
+        shard, local = self.locate(indices)
+        order = np.lexsort((local, shard))
+        shard, local, positions = shard[order], local[order], positions[order]
+        offsets = np.asarray(self.offsets, np.int64)[shard] + local * self.row_bytes
+        with ExitStack() as held:
+            fd_of = {s: held.enter_context(self.files.use(s)) for s in np.unique(shard).tolist()}
+            fds = np.fromiter((fd_of[s] for s in shard.tolist()), np.int64, len(shard))
+            short = _staging.read_rows(fds, offsets, out, positions, self.row_bytes)
+        if short >= 0:
+            raise ValueError(f"{self.paths[shard[short]]}: image {local[short]} is cut short (the file has shrunk "
+                             "since the dataset was opened?); rerun 'pyalexnet prepare'")
+
+    def gather(self, indices) -> np.ndarray:
+        """uint8 (len(indices), S, S, 3), the images in the order given."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), *self.image_shape), np.uint8)
+        self.read_into(out, np.arange(len(indices)), indices)
         return out
+
+    def readahead(self, indices) -> None:
+        """Asks the kernel to start reading these images from disk now (posix_fadvise WILLNEED), so that a read
+        soon after finds them in the page cache. A no-op where the call does not exist."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        shard, local = self.locate(indices)
+        for s, lo in sorted(zip(shard.tolist(), local.tolist())):
+            with self.files.use(s) as fd:
+                os.posix_fadvise(fd, self.offsets[s] + lo * self.row_bytes, self.row_bytes, os.POSIX_FADV_WILLNEED)
+
+    def readahead_shards(self, shards) -> None:
+        """The same for whole shards: one call each."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for s in sorted(shards):
+            with self.files.use(s) as fd:
+                os.posix_fadvise(fd, self.offsets[s], int(self.counts[s]) * self.row_bytes, os.POSIX_FADV_WILLNEED)
+
+
+def _npy_pixels(path: Path) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, offset of the data) of a .npy file, from its header, without reading or mapping it."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise ValueError(f"{path}: not a C-ordered array")
+        return shape, dtype, f.tell()
 
 
 class Dataset:
@@ -355,18 +488,28 @@ class Dataset:
         self.identity = hashlib.sha256(ident.encode()).hexdigest()[:16]
 
     def _open(self, s) -> Split:
-        images, labels = [], []
+        paths, offsets, counts, labels = [], [], [], []
+        image = (self.size, self.size, 3)
         for shard in s["shards"]:
             if shard["count"] == 0:
                 continue
-            a = np.load(self.path / shard["file"], mmap_mode="r")
+            path = self.path / shard["file"]
+            try:
+                shape, dtype, offset = _npy_pixels(path)
+                size = path.stat().st_size
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path}: not a readable shard ({e}); rerun 'pyalexnet prepare'") from None
             lab = np.load(self.path / shard["labels"])
-            if a.shape != (shard["count"], self.size, self.size, 3) or a.dtype != np.uint8 or len(lab) != len(a):
-                raise ValueError(f"{self.path / shard['file']}: does not match dataset.json (damaged?)")
-            images.append(a)
+            if shape != (shard["count"], *image) or dtype != np.uint8 or len(lab) != shard["count"]:
+                raise ValueError(f"{path}: does not match dataset.json (damaged?)")
+            if size < offset + shard["count"] * int(np.prod(image)):
+                raise ValueError(f"{path}: truncated ({size} bytes, {offset + shard['count'] * int(np.prod(image))} "
+                                 "expected); rerun 'pyalexnet prepare'")
+            paths.append(path)
+            offsets.append(offset)
+            counts.append(shard["count"])
             labels.append(lab)
-        counts = [len(a) for a in images]
-        return Split(images, np.concatenate(labels), np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+        return Split(paths, offsets, counts, np.concatenate(labels), image)
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -418,77 +561,410 @@ def augment_reference(images, mean, params, shift, crop, scale=1.0) -> np.ndarra
 
 
 # ---- the loader ---------------------------------------------------------------------------------------------------------
-class BatchLoader:
-    """Batches of one split, staged by a background thread: (images uint8 (B, S, S, 3), labels, params, shift).
+class Batch(NamedTuple):
+    """One batch: images uint8 (B, S, S, 3), labels int64 (B,), params int32 (B, 3) {oy, ox, flip} and shift
+    float32 (B, 3), the augmentation draws (host arrays, what ops.augment_batch takes)."""
+    images: Any
+    labels: Any
+    params: np.ndarray
+    shift: np.ndarray
 
-    train=True: a fresh permutation each epoch, random crops/flips/colour; the last incomplete batch is dropped.
+
+class _Done(threading.Event):
+    """The emulator's event: set by the copy thread when its copy is done, carrying its error if it failed."""
+
+    error: BaseException | None = None
+
+    def wait(self, timeout=None):
+        finished = super().wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return finished
+
+
+def _finished() -> _Done:
+    done = _Done()
+    done.set()
+    return done
+
+
+class _HostCopies:
+    """The emulator's copy engine: a thread that runs the host-to-"device" copies one after another, in the
+    order they were asked for, each signalling its event when done, as a CUDA copy stream would. The emulator's
+    kernels run on the calling thread, so its "compute stream" is that thread: waiting for a copy there means
+    waiting on the host, and whatever that thread launched before is already finished."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pyalexnet-copy", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def host_buffer(shape, dtype):
+        return np.empty(shape, dtype)
+
+    @staticmethod
+    def device_buffer(shape, dtype):
+        return np.empty(shape, dtype)
+
+    def copy(self, pairs, after) -> _Done:
+        done = _Done()
+        self._jobs.put((pairs, after, done))
+        return done
+
+    def _run(self):
+        while (job := self._jobs.get()) is not None:
+            pairs, after, done = job
+            try:
+                if after is not None:
+                    after.wait()
+                for dst, src in pairs:
+                    np.copyto(dst, src)
+            except BaseException as e:  # noqa: BLE001  (handed to whoever waits for this copy)
+                done.error = e
+            done.set()
+
+    @staticmethod
+    def wait_on_compute(event):
+        event.wait()
+
+    @staticmethod
+    def compute_done():
+        return _finished()
+
+    @staticmethod
+    def host_wait(event):
+        event.wait()
+
+    def close(self):
+        self._jobs.put(None)
+        self._thread.join()
+
+
+class _CudaCopies:
+    """The cuda backend's copy engine: one non-blocking stream of its own, copying from pinned host buffers (a
+    copy from pageable memory would be staged through a driver buffer and not overlap), ordered against the
+    model's stream by events only, never by a device-wide synchronisation."""
+
+    def __init__(self):
+        import cupy
+
+        self.cp = cupy
+        self.device_id = cupy.cuda.runtime.getDevice()
+        with cupy.cuda.Device(self.device_id):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    @staticmethod
+    def host_buffer(shape, dtype):
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype)
+
+    def device_buffer(self, shape, dtype):
+        with self.cp.cuda.Device(self.device_id):
+            return self.cp.empty(shape, dtype)
+
+    def copy(self, pairs, after):
+        rt = self.cp.cuda.runtime
+        with self.cp.cuda.Device(self.device_id):  # this runs on the loader's copy thread
+            if after is not None:
+                self.stream.wait_event(after)  # the model has finished reading the device buffer
+            for dst, src in pairs:
+                rt.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, rt.memcpyHostToDevice, self.stream.ptr)
+            event = self.cp.cuda.Event(disable_timing=True)
+            event.record(self.stream)
+        return event
+
+    def wait_on_compute(self, event):
+        self.cp.cuda.get_current_stream().wait_event(event)  # the GPU waits, the host goes on
+
+    def compute_done(self):
+        event = self.cp.cuda.Event(disable_timing=True)
+        event.record(self.cp.cuda.get_current_stream())
+        return event
+
+    @staticmethod
+    def host_wait(event):
+        event.synchronize()
+
+    def close(self):
+        self.stream.synchronize()  # no copy may still read a pinned buffer the next epoch refills
+
+
+class _Slot:
+    """One buffer of a ring: a batch's images and labels, and the event that says when it may be refilled."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+        self.free_after = None  # host ring: its copy to the device; device ring: the model's use of it
+
+
+SHUFFLES = ("full", "window")
+
+
+class BatchLoader:
+    """Batches of one split, staged ahead of the training step by a pool of threads.
+
+    train=True: a fresh order each epoch, random crops/flips/colour; the last incomplete batch is dropped.
     train=False: in order, every image once (the last batch may be smaller), the given view. The order and the
-    draws are a pure function of (seed, epoch, batch index), so a run resumed at a batch index sees exactly what
-    the interrupted run would have."""
+    draws are a pure function of (seed, epoch, batch index), whatever the number of threads, so a run resumed at
+    a batch index sees exactly what the interrupted run would have.
+
+    `shuffle`: "full", a permutation of the whole split each epoch (the default); "window", for datasets larger
+    than memory: the shards in a random order and the images shuffled within each run of `window` shards, so
+    that an epoch reads each shard once, window by window. A shard written by prepare holds the images of few
+    classes (files are sharded in class order unless prepare's `interleave`): a window must span many classes,
+    or the batches are far from a random sample. `threads` staging threads (default: up to 4, the CPUs
+    allowed) read each batch from the shards straight into a ring of `depth + 1` reusable buffers. `readahead`
+    asks the kernel (posix_fadvise) for what the batches after those will read, so that reading from disk
+    overlaps too: whole shards with the windowed shuffle, image by image with the full one. None (the default)
+    means on for the windowed shuffle and off for the full one, whose data is expected in the page cache (there
+    a request per image costs about a third of the staging rate, for nothing).
+
+    `wait_seconds` adds up the time the caller spent waiting for a batch: the input pipeline's share of a
+    training step, when the step is faster than the staging."""
 
     def __init__(self, dataset: Dataset, split: str, batch_size: int, crop: int, train: bool, seed: int = 0,
-                 view: int = 0, depth: int = 2):
+                 view: int = 0, depth: int = 2, threads: int | None = None, shuffle: str = "full", window: int = 8,
+                 readahead: bool | None = None):
         self.data = dataset
         self.split = dataset.split(split)
         self.batch_size = check.positive_int(batch_size, "batch_size")
         self.crop = check.integer(crop, "crop", 1, dataset.size + 1)
-        self.train, self.seed, self.view = train, seed, view
+        self.train, self.seed = train, seed
+        self.view = check.integer(view, "view", 0, 10)
         if train and len(self.split) < self.batch_size:
             raise ValueError(f"batch_size {self.batch_size} exceeds the {len(self.split)} training images")
-        self.depth = depth
+        self.depth = check.positive_int(depth, "depth")
+        self.threads = check.positive_int(threads, "threads") if threads is not None else default_threads()
+        if shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle: expected one of {', '.join(SHUFFLES)}, got {shuffle!r}")
+        self.shuffle, self.window = shuffle, check.positive_int(window, "window")
+        self.readahead = shuffle == "window" if readahead is None else bool(readahead)
+        self.wait_seconds = 0.0
+        self._rings: dict[str, list[_Slot]] = {}
+        self._copies = None
 
     def batches_per_epoch(self) -> int:
         n = len(self.split)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
-    def _make(self, epoch: int, index: int, order):
-        lo = index * self.batch_size
-        rows = order[lo : lo + self.batch_size]
-        images = self.split.gather(rows)
+    def order(self, epoch: int) -> np.ndarray:
+        """The image indices of `epoch`, in the order the batches take them."""
+        n = len(self.split)
+        if not self.train:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.shuffle == "full":
+            return rng.permutation(n)
+        shards = rng.permutation(len(self.split.counts))
+        windows = []
+        for w in range(0, len(shards), self.window):
+            members = [np.arange(self.split.starts[s], self.split.starts[s] + self.split.counts[s])
+                       for s in shards[w : w + self.window]]
+            windows.append(rng.permutation(np.concatenate(members)))
+        return np.concatenate(windows)
+
+    def _draws(self, epoch: int, index: int, count: int):
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, index])
-            params, shift = train_draws(rng, len(rows), self.data.size, self.crop, self.data.eigenvalues,
-                                        self.data.eigenvectors)
-        else:
-            params, shift = eval_draws(len(rows), self.data.size, self.crop, self.view)
-        return images, self.split.labels[rows].astype(np.int64), params, shift
+            return train_draws(rng, count, self.data.size, self.crop, self.data.eigenvalues, self.data.eigenvectors)
+        return eval_draws(count, self.data.size, self.crop, self.view)
 
-    def epoch(self, epoch: int = 0, start: int = 0):
-        """Yields the batches of `epoch` from batch index `start`, the next one prepared in the background."""
-        n = len(self.split)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
-        q: queue.Queue = queue.Queue(self.depth)
-        stop = threading.Event()
-        done = object()
+    def _rows(self, order, index: int):
+        return order[index * self.batch_size : (index + 1) * self.batch_size]
 
-        def put(item) -> bool:
+    def _ring(self, kind: str, make) -> list[_Slot]:
+        """The ring of `kind` ("host" or "device"), made once and reused by every epoch."""
+        if kind not in self._rings:
+            shape = (self.batch_size, *self.split.image_shape)
+            self._rings[kind] = [_Slot(make(shape, np.uint8), make((self.batch_size,), np.int64))
+                                 for _ in range(self.depth + 1)]
+        return self._rings[kind]
+
+    def epoch(self, epoch: int = 0, start: int = 0, device: bool = False):
+        """Yields the Batch-es of `epoch` from batch index `start`, staged ahead while the caller works.
+
+        device=False: images and labels are NumPy arrays of the caller's own (each batch read straight into a
+        new array: keep them as long as you like). device=True: they are backend arrays (CuPy on the cuda
+        backend) in the loader's ring on the device, copied there asynchronously, on a stream of their own,
+        while the previous step runs; such a batch is valid until the next one is asked for: use it (launch the
+        kernels that read it) before, or copy it. The draws are always new host arrays."""
+        start = check.integer(start, "start", 0, max(self.batches_per_epoch(), 0) + 1)
+        order = self.order(epoch)
+        if device:
+            return self._device_epoch(epoch, start, order)
+        return self._host_epoch(epoch, start, order)
+
+    # -- staging: a planner thread hands each batch's rows to the pool, in order ------------------------------------
+    def _stage(self, epoch, start, order, stop, take_slot, staged):
+        """The planner: for each batch, a buffer to fill (take_slot), the pool's reads into it, the draws; puts
+        (index, slot, futures, labels, params, shift) in `staged`, then None; an error goes there too."""
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="pyalexnet-stage")
+        last = self.batches_per_epoch()
+        ahead = self.depth + self.threads
+
+        def put(item):
             while not stop.is_set():
                 try:
-                    q.put(item, timeout=0.1)
+                    staged.put(item, timeout=0.05)
                     return True
                 except queue.Full:
                     continue
-            return False  # the consumer has gone
+            return False
 
-        def produce():
+        advised: set[int] = set()
+
+        def advise(i):
+            rows = self._rows(order, i)
+            if self.shuffle == "window":  # a window's shards are read whole, in any order: ask for them whole
+                shards = set(self.split.locate(rows)[0].tolist()) - advised
+                advised.update(shards)
+                self.split.readahead_shards(shards)
+            else:
+                self.split.readahead(rows)
+
+        def plan():
             try:
-                for i in range(start, self.batches_per_epoch()):
-                    if not put(self._make(epoch, i, order)):
+                if self.readahead:
+                    for i in range(start, min(start + ahead, last)):
+                        advise(i)
+                for i in range(start, last):
+                    if self.readahead and i + ahead < last:
+                        advise(i + ahead)
+                    rows = self._rows(order, i)
+                    slot = take_slot()
+                    if slot is None:
+                        return  # stopped
+                    positions = np.arange(len(rows))
+                    parts = min(self.threads, len(rows))
+                    futures = [pool.submit(self.split.read_into, slot.images, p, r)
+                               for p, r in zip(np.array_split(positions, parts), np.array_split(rows, parts))]
+                    labels = self.split.labels[rows].astype(np.int64)
+                    params, shift = self._draws(epoch, i, len(rows))
+                    if not put((i, slot, futures, labels, params, shift)):
                         return
-                put(done)
+                put(None)
             except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
                 put(e)
 
-        thread = threading.Thread(target=produce, name="pyalexnet-loader", daemon=True)
+        thread = threading.Thread(target=plan, name="pyalexnet-loader", daemon=True)
         thread.start()
+        return thread, pool
+
+    @staticmethod
+    def _get(q: queue.Queue, stop: threading.Event):
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if stop.is_set():
+                    return None
+
+    def _host_epoch(self, epoch, start, order):
+        stop = threading.Event()
+        staged: queue.Queue = queue.Queue(self.depth)
+        shape = (self.batch_size, *self.split.image_shape)
+        thread, pool = self._stage(epoch, start, order, stop, lambda: _Slot(np.empty(shape, np.uint8), None), staged)
         try:
             while True:
-                item = q.get()
-                if item is done:
+                waited = time.perf_counter()
+                item = staged.get()
+                if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                _, slot, futures, labels, params, shift = item
+                for f in futures:
+                    f.result()
+                self.wait_seconds += time.perf_counter() - waited
+                yield Batch(slot.images[: len(labels)], labels, params, shift)
         finally:
             stop.set()
             thread.join()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _device_epoch(self, epoch, start, order):
+        """Three stages, each its own thread: the planner and the pool read batches into the host ring; the copy
+        thread waits for each batch's reads, then copies it into a free buffer of the device ring on the copy
+        stream; the caller (the model's stream) waits for that copy by an event. A host buffer is refilled
+        only after its copy has finished, a device buffer only after the work the caller launched with it."""
+        from . import _backend
+
+        if self._copies is None and _backend.active.name == "cuda":
+            self._copies = _CudaCopies()
+        copies = self._copies if self._copies is not None else _HostCopies()
+        host_ring = self._ring("host", copies.host_buffer)
+        device_ring = self._ring("device", copies.device_buffer)
+        stop = threading.Event()
+        free_host: queue.Queue = queue.Queue()
+        free_device: queue.Queue = queue.Queue()
+        for slot in host_ring:
+            free_host.put(slot)
+        for slot in device_ring:
+            free_device.put(slot)
+        staged: queue.Queue = queue.Queue()
+        ready: queue.Queue = queue.Queue()
+
+        def take_host_slot():
+            slot = self._get(free_host, stop)
+            if slot is not None and slot.free_after is not None:
+                copies.host_wait(slot.free_after)  # its last copy to the device has finished reading it
+            return slot
+
+        def copy_out():
+            try:
+                while (item := self._get(staged, stop)) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    i, slot, futures, labels, params, shift = item
+                    for f in futures:
+                        f.result()
+                    n = len(labels)
+                    slot.labels[:n] = labels
+                    target = self._get(free_device, stop)
+                    if target is None:
+                        return
+                    done = copies.copy([(target.images[:n], slot.images[:n]), (target.labels[:n], slot.labels[:n])],
+                                       target.free_after)
+                    slot.free_after = done
+                    free_host.put(slot)
+                    ready.put((target, done, n, params, shift))
+                ready.put(None)
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
+                ready.put(e)
+                stop.set()
+
+        planner, pool = self._stage(epoch, start, order, stop, take_host_slot, staged)
+        copier = threading.Thread(target=copy_out, name="pyalexnet-loader-copy", daemon=True)
+        copier.start()
+        held = None
+        try:
+            while True:
+                waited = time.perf_counter()
+                if held is not None:  # the caller has launched its work with the last batch: refill it after that
+                    held.free_after = copies.compute_done()
+                    free_device.put(held)
+                    held = None
+                item = ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                held, done, n, params, shift = item
+                copies.wait_on_compute(done)
+                self.wait_seconds += time.perf_counter() - waited
+                yield Batch(held.images[:n], held.labels[:n], params, shift)
+        finally:
+            stop.set()
+            planner.join()
+            copier.join()
+            pool.shutdown(wait=True, cancel_futures=True)
+            if held is not None:
+                held.free_after = copies.compute_done()
+            copies.close()  # cuda: the stream has finished every copy from the host ring; emu: the thread ends
+
+
+def default_threads() -> int:
+    """Staging threads when the caller does not say: one per CPU this process may use, at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))

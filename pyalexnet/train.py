@@ -48,6 +48,14 @@ from .checkpoint import Preprocess
 from .data import BatchLoader, Dataset, eval_draws
 from .optim import SGD, Plateau, StepDecay
 
+INPUT_BOUND_SHARE = 0.05
+"""Above this share of an epoch spent waiting for input, train() says the run is input-bound."""
+
+
+def wait_share(waited: float, elapsed: float) -> float:
+    return min(max(waited / elapsed, 0.0), 1.0) if elapsed > 0 else 0.0
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is untouched."""
 
@@ -216,7 +224,7 @@ def eval_views(extra: dict) -> list[int]:
 
 
 def evaluate(net, dataset: Dataset, split: str = "val", batch_size: int = 128, ten_crop: bool = True, scale=1.0,
-             progress: bool = False, views=None) -> dict:
+             progress: bool = False, views=None, loader_threads: int | None = None) -> dict:
     """Top-1 and top-5 error of `net` on a split: the centre crop, and with `ten_crop` the average of the softmax
     outputs over `views` (default: the paper's ten, see eval_views for a checkpoint's own). Counts as it goes:
     memory does not grow with the split. The multi-view errors are under "top1_error_10crop" and
@@ -228,7 +236,7 @@ def evaluate(net, dataset: Dataset, split: str = "val", batch_size: int = 128, t
         raise ValueError("views: expected at least one view (0-9)")
     crop = net.input_size
     mean = _device(dataset.mean)
-    loader = BatchLoader(dataset, split, batch_size, crop, train=False)
+    loader = BatchLoader(dataset, split, batch_size, crop, train=False, threads=loader_threads)
     images_seen, wrong = 0, {"top1": 0, "top5": 0, "top1_10": 0, "top5_10": 0}
 
     def count(probs, labels, key):
@@ -236,9 +244,9 @@ def evaluate(net, dataset: Dataset, split: str = "val", batch_size: int = 128, t
         wrong["top1" + key] += int(np.sum(top5[:, 0] != labels))
         wrong["top5" + key] += int(np.sum(~(top5 == labels[:, None]).any(axis=1)))
 
-    for images, labels, params, shift in tqdm(loader.epoch(), total=loader.batches_per_epoch(), disable=not progress,
-                                              desc="eval", leave=False):
-        device_images = _device(images)
+    for device_images, device_labels, params, shift in tqdm(loader.epoch(device=True), total=loader.batches_per_epoch(),
+                                                            disable=not progress, desc="eval", leave=False):
+        labels = pa.to_numpy(device_labels)
         centre = _softmax(net.forward(pa.ops.augment_batch(device_images, mean, params, shift, crop, scale),
                                       train=False))
         count(centre, labels, "")
@@ -248,7 +256,7 @@ def evaluate(net, dataset: Dataset, split: str = "val", batch_size: int = 128, t
                 if view == 0:
                     total += centre
                     continue
-                p, sh = eval_draws(len(images), dataset.size, crop, view)
+                p, sh = eval_draws(len(labels), dataset.size, crop, view)
                 x = pa.ops.augment_batch(device_images, mean, p, sh, crop, scale)
                 total += _softmax(net.forward(x, train=False))
             count(total / len(views), labels, "_10")
@@ -444,7 +452,7 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
           schedule="plateau", step_every=30, patience=4, threshold=1e-4, cooldown=0, width=1.0, crop=None,
           init="paper", seed=0, scale=None, flip=True, pca=True, random_crop=True, checkpoint_every=1000,
           log_every=10, resume=None, overwrite=False, max_steps=None, log_loss=False, tensorboard=True,
-          progress=True, echo=print) -> dict:
+          progress=True, loader_threads=None, shuffle="full", shuffle_window=8, echo=print) -> dict:
     """Trains from the prepared dataset `data` into the folder `out`; returns a summary of this call.
 
     `out` must not hold another run (log.jsonl, last.npz or best.npz) unless `resume` continues it or `overwrite`
@@ -452,15 +460,16 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
     many steps of this call. `scale` None: see default_scale. `patience`, `threshold` (relative) and `cooldown`
     tune the plateau schedule (optim.Plateau). `flip`, `pca`, `random_crop` False switch off those augmentations
     (random_crop False: the centre crop); checkpoints record them (see eval_views). `log_loss`: curves.png's loss
-    on a log scale. On resume the network, optimiser, batch size, seed, scale and augmentation switches are the
-    checkpoint's.
+    on a log scale. `loader_threads` staging threads (default data.default_threads()); `shuffle` "full" or
+    "window" with `shuffle_window` shards (see data.BatchLoader). On resume the network, optimiser, batch size,
+    seed, scale, augmentation switches and shuffle are the checkpoint's.
 
     The summary: "steps" (run by this call), "total_steps" (the optimiser's, over the whole run), "seconds"
     (this call's wall time), "images_per_s" (this call's training images over its training time, evaluation
     excluded; None without steps), "loss" (the last step's; None without steps), "epoch" and "batch" (the
     position reached), "best_val_top1_error", "stopped" (None: finished the epochs; "max_steps",
-    "interrupted", or "nothing_to_do": a resumed checkpoint already at the last epoch), "scale", "out", "net",
-    "optimizer". Raises TrainingDiverged on a NaN/inf loss or weights."""
+    "interrupted", or "nothing_to_do": a resumed checkpoint already at the last epoch), "data_wait" (the share of
+    the training time spent waiting for input; None without steps), "scale", "out", "net", "optimizer". Raises TrainingDiverged on a NaN/inf loss or weights."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "echo"}
     from tqdm import tqdm
 
@@ -487,6 +496,7 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
         epoch, batch_index, best = state["epoch"], state["batch"], state["best"]
         seed, scale, batch_size = state["seed"], state["scale"], state["batch_size"]
         flip, pca, random_crop = state.get("flip", True), state.get("pca", True), state.get("random_crop", True)
+        shuffle, shuffle_window = state.get("shuffle", "full"), state.get("shuffle_window", 8)
     else:
         net, opt = _new_run(dataset, variant, lr, momentum, weight_decay, schedule, step_every, width, crop, init,
                             seed, patience, threshold, cooldown)
@@ -499,11 +509,14 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
     has_val = "val" in dataset.splits
     if isinstance(opt.schedule, Plateau) and not has_val:
         raise ValueError(f"{data}: the plateau schedule needs validation images; use --schedule step")
-    loader = BatchLoader(dataset, "train", batch_size, crop, train=True, seed=seed)
+    loader = BatchLoader(dataset, "train", batch_size, crop, train=True, seed=seed, threads=loader_threads,
+                         shuffle=shuffle, window=shuffle_window)
+    wait_start = loader.wait_seconds
 
     def summary(stopped, steps, loss, train_seconds):
         return {"steps": steps, "total_steps": opt.steps, "seconds": time.perf_counter() - started,
                 "images_per_s": steps * batch_size / train_seconds if steps and train_seconds > 0 else None,
+                "data_wait": wait_share(loader.wait_seconds - wait_start, train_seconds) if steps else None,
                 "loss": loss, "epoch": epoch, "batch": batch_index, "best_val_top1_error": best, "stopped": stopped,
                 "scale": scale, "out": str(out), "net": net, "optimizer": opt}
 
@@ -535,7 +548,7 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
     def state_for(ep, bi):
         return {"train": {"epoch": ep, "batch": bi, "best": best, "seed": seed, "scale": scale,
                           "batch_size": batch_size, "classes": dataset.classes, "size": dataset.size, "dataset": dataset.identity, "flip": flip, "pca": pca,
-                          "random_crop": random_crop}}
+                          "random_crop": random_crop, "shuffle": shuffle, "shuffle_window": shuffle_window}}
 
     def good_checkpoint():
         """What the divergence messages may promise: only a checkpoint that is on disk."""
@@ -580,10 +593,12 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
                 # the interrupted run's last log line.
                 epoch_t = window_t = time.perf_counter()
                 window_n = 0
-                for images, labels, params, shift in loader.epoch(epoch, batch_index):
+                epoch_wait = window_wait = loader.wait_seconds
+                # The batches arrive on the device: copied on a stream of their own while the last step runs.
+                for images, labels, params, shift in loader.epoch(epoch, batch_index, device=True):
                     _switch_draws(params, shift, dataset.size, crop, flip, pca, random_crop)
-                    x = pa.ops.augment_batch(_device(images), mean, params, shift, crop, scale)
-                    loss, dlogits = pa.ops.softmax_cross_entropy(net.forward(x, train=True), _device(labels))
+                    x = pa.ops.augment_batch(images, mean, params, shift, crop, scale)
+                    loss, dlogits = pa.ops.softmax_cross_entropy(net.forward(x, train=True), labels)
                     if not math.isfinite(loss):
                         bar.close()
                         diverged(f"the loss became {loss} at epoch {epoch + 1}, batch {batch_index}", loss)
@@ -598,19 +613,27 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
                         pa.synchronize()
                         now = time.perf_counter()
                         rate = window_n / max(now - window_t, 1e-9)
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                        waiting = wait_share(loader.wait_seconds - window_wait, now - window_t)
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", data_wait=f"{100 * waiting:.0f}%")
                         log.write({"kind": "step", "epoch": epoch + 1, "step": opt.steps, "loss": loss,
-                                   "lr": opt.lr, "images_per_s": rate, "images": window_n})
-                        tb.add({"train/loss": loss, "train/lr": opt.lr, "train/images_per_s": rate}, opt.steps)
-                        window_t, window_n = now, 0
+                                   "lr": opt.lr, "images_per_s": rate, "images": window_n, "data_wait": waiting})
+                        tb.add({"train/loss": loss, "train/lr": opt.lr, "train/images_per_s": rate,
+                                "train/data_wait": waiting}, opt.steps)
+                        window_t, window_n, window_wait = now, 0, loader.wait_seconds
                     if opt.steps % checkpoint_every == 0:
                         checkpoint(out / "last.npz", epoch, batch_index)
                     if stop.requested or (max_steps is not None and steps >= max_steps):
                         stopped = "interrupted" if stop.requested else "max_steps"
                         break
                 pa.synchronize()
-                train_seconds += time.perf_counter() - epoch_t
+                epoch_seconds = time.perf_counter() - epoch_t
+                train_seconds += epoch_seconds
                 bar.close()
+                epoch_waiting = wait_share(loader.wait_seconds - epoch_wait, epoch_seconds)
+                if epoch_waiting > INPUT_BOUND_SHARE:
+                    echo(f"input-bound: the training step waited for input {100 * epoch_waiting:.0f}% of the time in "
+                         f"epoch {epoch + 1}: the {loader.threads} staging thread(s) are slower than the step; more "
+                         "--loader-threads (or a faster disk) would help")
                 if stopped is not None:
                     checkpoint(out / "last.npz", epoch, batch_index)
                     break
@@ -646,7 +669,8 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
         plot()
     if stopped == "interrupted":
         echo(f"interrupted: checkpoint written to {out / 'last.npz'} (resume with --resume {out / 'last.npz'})")
-    rate = "" if result["images_per_s"] is None else f", {result['images_per_s']:.1f} images/s"
+    rate = "" if result["images_per_s"] is None else \
+        f", {result['images_per_s']:.1f} images/s (waiting for input {100 * result['data_wait']:.0f}% of the time)"
     total = f" ({opt.steps} in all)" if opt.steps != steps else ""
     loss_text = "no step run" if last_loss is None else f"last loss {last_loss:.4f}"
     echo(f"{steps} steps{total} in {result['seconds']:.1f} s{rate}, {loss_text}")

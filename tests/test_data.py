@@ -346,7 +346,7 @@ def test_a_failure_in_the_loader_thread_reaches_the_caller(small_dataset, monkey
     def broken(*args):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(loader.split, "gather", broken)
+    monkeypatch.setattr(loader.split, "read_into", broken)
     with pytest.raises(OSError, match="disk gone"):
         list(loader.epoch(0))
 
