@@ -40,12 +40,15 @@ def make_photos(root: Path, n: int, width: int, height: int, classes: int = 10, 
         Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def drop_from_page_cache(paths) -> None:
+def write_back(paths, drop: bool = False) -> None:
+    """fsync each file (the pages prepare just wrote would otherwise be written back by the kernel during the
+    measurements, on the same CPUs); with `drop`, then evict them from the page cache (a dirty page would stay)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
-            os.fsync(fd)  # a dirty page is not dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.fsync(fd)
+            if drop:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
@@ -69,16 +72,18 @@ def numpy_gather_rate(split, batch: int, epochs: int, seed: int = 0) -> float:
     return staged / (time.perf_counter() - t)
 
 
-def loader_rate(ds, batch: int, threads: int, epochs: int, device: bool, cold: bool = False) -> float:
+def loader_rate(ds, batch: int, threads: int, epochs: int, mode: str, cold: bool = False) -> float:
+    """Images/s the loader delivers: mode "ring" (into its reused host buffers: the staging the device path
+    does), "new" (each batch a new array of the caller's) or "device" (and copied to the device)."""
     from pyalexnet.data import BatchLoader
 
     loader = BatchLoader(ds, "train", batch, 227, train=True, threads=threads)
     staged, seconds = 0, 0.0
     for epoch in range(epochs):
         if cold:
-            drop_from_page_cache(loader.split.paths)
+            write_back(loader.split.paths, drop=True)
         t = time.perf_counter()
-        for b in loader.epoch(epoch, device=device):
+        for b in loader.epoch(epoch, device=mode == "device", reuse=mode == "ring"):
             staged += len(b.labels)
         seconds += time.perf_counter() - t
     return staged / seconds
@@ -155,6 +160,7 @@ def main(argv=None) -> int:
             ds = Dataset(tmp / "staging")
             batch = min(args.batch_size, args.stage_images)
             split = ds.split("train")
+            write_back(split.paths)
             numpy_gather_rate(split, batch, 1)  # into the page cache
             reference = numpy_gather_rate(split, batch, args.epochs)
             print(f"bare NumPy gather (memory-mapped shards, one thread, page cache): {reference:,.0f} images/s",
@@ -162,16 +168,16 @@ def main(argv=None) -> int:
             rows = []
             for threads in sorted(set(args.threads)):
                 row = {"threads": threads}
-                for name, device, cold in (("page_cache", False, False), ("cold", False, True),
-                                           ("to_device", True, False)):
-                    row[name] = loader_rate(ds, batch, threads, args.epochs, device, cold)
+                for name, mode, cold in (("page_cache", "ring", False), ("cold", "ring", True),
+                                         ("new_arrays", "new", False), ("to_device", "device", False)):
+                    row[name] = loader_rate(ds, batch, threads, args.epochs, mode, cold)
                 rows.append(row)
                 one = rows[0]["page_cache"]
-                print(f"loader, {threads} thread(s): {row['page_cache']:,.0f} images/s from the page cache "
-                      f"({row['page_cache'] / threads:,.0f} per thread, {row['page_cache'] / one:.2f}x one thread), "
-                      f"{row['cold']:,.0f} cold from disk, {row['to_device']:,.0f} with the copy to the device "
-                      f"({'the GPU' if _on_gpu() else 'the emulator: a host copy on the copy thread'})",
-                      flush=True)
+                print(f"loader, {threads} thread(s): staged {row['page_cache']:,.0f} images/s from the page cache "
+                      f"({row['page_cache'] / threads:,.0f} per thread, {row['page_cache'] / one:.2f}x one thread; "
+                      f"the NumPy gather: {reference:,.0f}), {row['cold']:,.0f} cold from disk; "
+                      f"{row['new_arrays']:,.0f} into new arrays; {row['to_device']:,.0f} with the copy to the device "
+                      f"({'the GPU' if _on_gpu() else 'the emulator: a host copy on the copy thread'})", flush=True)
             results["staging"] = {"images": len(split), "batch": batch, "image_bytes": split.row_bytes,
                                   "numpy_gather_images_per_s": reference, "loader": rows}
             results["copy"] = copy_rates(batch * split.row_bytes)

@@ -91,15 +91,18 @@ if [ "$stage" = profile ] || [ "$stage" = all ]; then
 fi
 if [ "$stage" = train ] || [ "$stage" = all ]; then
     : > "$out/train.log"
-    # 1280 ImageNet-sized JPEGs -> prepare (timed) -> 20 training steps of batch 128 at full size; the log's
-    # images/s says whether the loader and the augmentation kernel keep up with the network.
-    run data "$out/train.log" tests env PYALEXNET_BACKEND=cuda timeout 240 python "$repo/bench/data_pipeline.py" \
-        --images 1280 --workers 1 "$(nproc)" --keep "$out/photos" --out "$out/data_pipeline.json"
+    # 1280 ImageNet-sized JPEGs -> prepare (timed); the loader's staging rate for 1..16 threads (page cache,
+    # cold, with the copy to the GPU) and the host-to-device rate; then 20 training steps of batch 128 at full
+    # size: the log's images/s and data_wait (the share of the step spent waiting for input) say whether the
+    # input pipeline keeps up with the network.
+    run data "$out/train.log" tests env PYALEXNET_BACKEND=cuda timeout 400 python "$repo/bench/data_pipeline.py" \
+        --images 1280 --workers 1 "$(nproc)" --threads 1 2 4 8 16 --keep "$out/photos" --out "$out/data_pipeline.json"
     run train "$out/train.log" tests env PYALEXNET_BACKEND=cuda timeout 300 python -m pyalexnet train \
         --data "$out/photos" --out "$out/train-run" --epochs 2 --batch-size 128 --schedule constant \
         --log-every 2 --checkpoint-every 100000 --no-progress
-    tests python -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])]; \
-print('training images/s (every 2 steps):', [round(x['images_per_s']) for x in r if x['kind'] == 'step'])" \
+    tests python -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])]; s = [x for x in r if x['kind'] == 'step']; \
+print('training images/s (every 2 steps):', [round(x['images_per_s']) for x in s]); \
+print('data wait (share of the step):', [round(x['data_wait'], 3) for x in s])" \
         "$out/train-run/log.jsonl" >> "$out/train.log" 2>&1 || true
 fi
 

@@ -34,6 +34,8 @@ class Card:
     l2_latency_ns: float
     dram_latency_ns: float
     launch_overhead_us: float   # back-to-back launches on one stream, no CUDA graph
+    host_link: str = "PCIe Gen5 x16"  # how input batches reach the card from the host
+    host_link_gbps: float = 53.0  # GB/s, host to device, pinned memory, one direction
     sources: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -52,6 +54,8 @@ _SHARED_SOURCES = {
     "launch": "assumed: 2.5 us per back-to-back launch without CUDA graphs (typical measured figure); to be calibrated",
     "l2 bandwidth": "assumed: not published by NVIDIA; public microbenchmarks measure about 5.5 TB/s (H100) and "
                     "4.5 TB/s (A100); to be calibrated",
+    "host link": "assumed: PCIe Gen5 x16 (H100/H200 SXM) carries 64 GB/s per direction raw, Gen4 x16 (A100 SXM) 32; "
+                 "pinned copies taken to reach about 83% of that; to be calibrated by bench/data_pipeline.py",
 }
 
 _H100 = Card(
@@ -76,6 +80,7 @@ CARDS = {
         l2_per_sm_bytes_per_clock=64, shared_per_sm=164 * 1024, shared_per_block_max=163 * 1024,
         shared_reserved_per_block=1024, registers_per_sm=65536, register_unit=256, max_threads_per_sm=2048,
         max_blocks_per_sm=32, l2_latency_ns=200, dram_latency_ns=600, launch_overhead_us=2.5,
+        host_link="PCIe Gen4 x16", host_link_gbps=26.5,
         sources={"sms, clock, fp32": "NVIDIA A100 datasheet: 19.5 TFLOPS FP32 = 108 SMs x 64 lanes x 2 x 1.41 GHz",
                  "dram": "NVIDIA A100 datasheet: 2,039 GB/s HBM2e (80 GB SXM)", "l2": "NVIDIA A100 whitepaper: 40 MB L2",
                  "shared": "CUDA C++ Programming Guide: 164 KB per SM, 163 KB per block (cc 8.0)",

@@ -1,4 +1,4 @@
-"""Images in, batches out: an ImageNet-style folder, `prepare` into memory-mappable shards, and the batch loader.
+"""Images in, batches out: an ImageNet-style folder, `prepare` into .npy shards, and the batch loader.
 
 The folder (what ImageNet's train/val look like once unpacked):
 
@@ -18,8 +18,10 @@ Images Pillow cannot read (corrupt, truncated, not an image) are skipped, each w
 with the reason in dataset.json; grayscale, CMYK, palette, 16-bit and alpha images are converted to RGB; a file
 whose extension lies about its format is read by its content.
 
-`BatchLoader` serves training or evaluation batches: a background thread gathers the next batch's images from
-the shards and draws its augmentation (crop offsets, flips, PCA colour), while the caller's step runs; the
+`BatchLoader` serves training or evaluation batches, staged ahead while the caller's step runs: a planner
+thread draws each batch's augmentation (crop offsets, flips, PCA colour) and hands its rows to a pool of
+staging threads, which read them from the shards (pread, pyalexnet._staging) into a ring of host buffers;
+with device=True a copy thread moves each batch into a ring of device buffers on a stream of its own. The
 GPU-side kernel `ops.augment_batch` turns the uint8 batch into the network's float32 input.
 """
 
@@ -782,11 +784,13 @@ class BatchLoader:
                                  for _ in range(self.depth + 1)]
         return self._rings[kind]
 
-    def epoch(self, epoch: int = 0, start: int = 0, device: bool = False):
+    def epoch(self, epoch: int = 0, start: int = 0, device: bool = False, reuse: bool = False):
         """Yields the Batch-es of `epoch` from batch index `start`, staged ahead while the caller works.
 
         device=False: images and labels are NumPy arrays of the caller's own (each batch read straight into a
-        new array: keep them as long as you like). device=True: they are backend arrays (CuPy on the cuda
+        new array: keep them as long as you like); with reuse=True the images are the loader's host ring instead,
+        each batch valid until the next one is asked for (no allocation, and no page for the kernel to clear,
+        per batch: exactly the staging the device path does). device=True: they are backend arrays (CuPy on the cuda
         backend) in the loader's ring on the device, copied there asynchronously, on a stream of their own,
         while the previous step runs; such a batch is valid until the next one is asked for: use it (launch the
         kernels that read it) before, or copy it. The draws are always new host arrays."""
@@ -794,7 +798,7 @@ class BatchLoader:
         order = self.order(epoch)
         if device:
             return self._device_epoch(epoch, start, order)
-        return self._host_epoch(epoch, start, order)
+        return self._host_epoch(epoch, start, order, reuse)
 
     # -- staging: a planner thread hands each batch's rows to the pool, in order ------------------------------------
     def _stage(self, epoch, start, order, stop, take_slot, staged):
@@ -861,14 +865,25 @@ class BatchLoader:
                 if stop.is_set():
                     return None
 
-    def _host_epoch(self, epoch, start, order):
+    def _host_epoch(self, epoch, start, order, reuse):
         stop = threading.Event()
         staged: queue.Queue = queue.Queue(self.depth)
         shape = (self.batch_size, *self.split.image_shape)
-        thread, pool = self._stage(epoch, start, order, stop, lambda: _Slot(np.empty(shape, np.uint8), None), staged)
+        free: queue.Queue = queue.Queue()
+        if reuse:
+            for slot in self._ring("reuse", np.empty):
+                free.put(slot)
+            take_slot = lambda: self._get(free, stop)  # noqa: E731
+        else:
+            take_slot = lambda: _Slot(np.empty(shape, np.uint8), None)  # noqa: E731
+        thread, pool = self._stage(epoch, start, order, stop, take_slot, staged)
+        held = None
         try:
             while True:
                 waited = time.perf_counter()
+                if held is not None:
+                    free.put(held)
+                    held = None
                 item = staged.get()
                 if item is None:
                     return
@@ -877,6 +892,8 @@ class BatchLoader:
                 _, slot, futures, labels, params, shift = item
                 for f in futures:
                     f.result()
+                if reuse:
+                    held = slot
                 self.wait_seconds += time.perf_counter() - waited
                 yield Batch(slot.images[: len(labels)], labels, params, shift)
         finally:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _backend, cards, sass
-from ._cli import NONNEGATIVE_INT, POSITIVE_INT, Parser
+from ._cli import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Parser
 from ._files import atomic_write
 from .bench import _git as git
 from .bench import conv_flops_layer
@@ -53,6 +53,7 @@ NOTE = "predicted from static analysis and emulator counts, not measured"
 DEFAULT_INTERIOR = 4  # interior CTAs sampled per grid dimension (plus the first and the last)
 BASELINE = Path("bench") / "perf-baseline.json"
 GUARD_TOLERANCE = 0.03
+DEFAULT_LOADER_THREADS = 4  # the input pipeline's staging threads (the loader's default on a machine of 4+ CPUs)
 
 # ---- running the step on the counting emulator ----------------------------------------------------------------
 
@@ -324,8 +325,10 @@ def _useful_flops(net, layer, pass_, batch) -> float:
     return conv_flops_layer(net, i) * batch if net.specs[i][0] in ("conv", "linear") else 0.0
 
 
-def profile(variant="torchvision", batch=128, card="h100", interior=DEFAULT_INTERIOR, seed=0) -> dict:
-    """The whole prediction as plain data (what --json writes)."""
+def profile(variant="torchvision", batch=128, card="h100", interior=DEFAULT_INTERIOR, seed=0,
+            loader_threads=DEFAULT_LOADER_THREADS, staging_rate=None, image_size=256) -> dict:
+    """The whole prediction as plain data (what --json writes). `staging_rate` (images/s per staging thread)
+    None: measured here (measure_staging_rate)."""
     spec = cards.card(card)
     facts = sass.kernel_facts(spec.sass_arch)
     started = time.perf_counter()
@@ -373,15 +376,76 @@ def profile(variant="torchvision", batch=128, card="h100", interior=DEFAULT_INTE
     step_ms = sum(r["ms"] for r in rows)
     floor_ms = sum(r["floor_ms"] for r in rows)
     flops = sum(r["flops"] for r in rows)
+    if staging_rate is None:
+        staging_rate, source = measure_staging_rate(image_size), "measured here, one thread, page cache"
+    else:
+        source = "given"
+    feed = input_pipeline(batch, spec, step_ms, loader_threads, staging_rate, image_size, source)
     return {"kind": "predicted", "note": NOTE, "date": datetime.date.today().isoformat(),
             "commit": git("describe", "--always", "--dirty") or "unknown", "card": spec.name, "card_key": spec.key,
             "sass_arch": spec.sass_arch, "variant": variant, "batch": batch, "interior_samples": interior,
             "step_ms": step_ms, "floor_ms": floor_ms, "step_flops": flops,
             "step_pct_fp32_peak": 100.0 * flops / (step_ms * 1e-3) / peak, "images_per_s": batch / (step_ms * 1e-3),
-            "launch_count": len(launches), "emulated_seconds": emulated_s, "passes": rows,
+            "launch_count": len(launches), "emulated_seconds": emulated_s, "passes": rows, "input": feed,
             "card_spec": {k: v for k, v in vars(spec).items()},
             "kernels": {name: facts[name].as_dict() for name in sorted({e["kernel"] for r in rows
                                                                         for e in r["launches"]}) if name in facts}}
+
+
+# ---- the input pipeline ------------------------------------------------------------------------------------------
+
+def measure_staging_rate(image_size: int = 256, images: int = 512, seconds: float = 1.0, batch: int = 128) -> float:
+    """Images/s one staging thread reads here, now: random batches of rows of a page-cached shard of
+    `images` images, by the loader's own read path (data.Split.read_into), for about `seconds`."""
+    import tempfile
+
+    from .data import Split, _npy_pixels
+
+    shape = (image_size, image_size, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shard.npy"
+        np.save(path, np.zeros((images, *shape), np.uint8))
+        _, _, offset = _npy_pixels(path)
+        split = Split([path], [offset], [images], np.zeros(images, np.int32), shape)
+        out = np.empty((min(batch, images), *shape), np.uint8)
+        rng = np.random.default_rng(0)
+        split.read_into(out, np.arange(len(out)), rng.permutation(images)[: len(out)])  # warm: in the page cache
+        read, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds or read == 0:
+            split.read_into(out, np.arange(len(out)), rng.permutation(images)[: len(out)])
+            read += len(out)
+        split.files.close()
+    return read / elapsed
+
+
+def input_pipeline(batch: int, spec: cards.Card, step_ms: float, threads: int, staging_rate: float,
+                   image_size: int = 256, source: str = "given") -> dict:
+    """The input side of a training step, predicted: staging a batch at `staging_rate` images/s per thread over
+    `threads` threads (scaling linearly: what the loader's threads do until memory bandwidth), and its copy to
+    the card over the host link. Both overlap the step (the loader's own stream), so the end-to-end step is
+    the largest of the three, and that one is the bound."""
+    batch_bytes = batch * (image_size * image_size * 3 + 8)  # uint8 pixels and int64 labels
+    staging_ms = 1e3 * batch / (staging_rate * threads)
+    copy_ms = 1e3 * batch_bytes / (spec.host_link_gbps * 1e9)
+    parts = {"compute": step_ms, "staging": staging_ms, "copy": copy_ms}
+    bound = max(parts, key=parts.get)
+    return {"image_size": image_size, "batch_bytes": batch_bytes, "threads": threads,
+            "staging_images_per_s_per_thread": staging_rate, "staging_rate_source": source,
+            "staging_ms": staging_ms, "copy_ms": copy_ms, "host_link": spec.host_link,
+            "host_link_gbps": spec.host_link_gbps, "end_to_end_ms": parts[bound], "bound": bound,
+            "end_to_end_images_per_s": batch / (parts[bound] * 1e-3),
+            "threads_to_keep_up": math.ceil(batch / (staging_rate * step_ms * 1e-3))}
+
+
+def format_input(result) -> list[str]:
+    i = result["input"]
+    return [f"input pipeline (predicted): a batch of {result['batch']} {i['image_size']} x {i['image_size']} images, "
+            f"{i['batch_bytes'] / 1e6:.1f} MB; staging {i['threads']} thread(s) x "
+            f"{i['staging_images_per_s_per_thread']:,.0f} images/s ({i['staging_rate_source']}) = {i['staging_ms']:.2f} ms; "
+            f"copy over {i['host_link']} at {i['host_link_gbps']:g} GB/s = {i['copy_ms']:.2f} ms; both overlap the step",
+            f"end-to-end training (predicted): {i['end_to_end_ms']:.2f} ms per step, "
+            f"{i['end_to_end_images_per_s']:,.0f} images/s, bound by {i['bound']}; staging threads needed to keep up "
+            f"with the step: {i['threads_to_keep_up']}"]
 
 
 # ---- reports -----------------------------------------------------------------------------------------------------
@@ -403,6 +467,7 @@ def format_table(result) -> str:
               f"fp32 roofline floor (predicted): {result['floor_ms']:.2f} ms "
               f"(each pass at the larger of its FLOPs at fp32 peak and its unique bytes at DRAM bandwidth); "
               f"the step is {result['step_ms'] / result['floor_ms']:.1f}x the floor",
+              *(format_input(result) if "input" in result else []),
               f"every figure above is {NOTE}"]
     return "\n".join(lines)
 
@@ -501,6 +566,11 @@ def main(argv=None) -> int:
                         help="interior CTAs sampled per grid dimension besides the first and the last (0: every CTA)")
     parser.add_argument("--json", type=Path, help="where to write the result (default bench/results/"
                                                   "<date>-predicted-<card>-<commit>-profile.json)")
+    parser.add_argument("--loader-threads", type=POSITIVE_INT, default=DEFAULT_LOADER_THREADS,
+                        help="staging threads of the input pipeline")
+    parser.add_argument("--staging-rate", type=POSITIVE, default=None,
+                        help="images/s one staging thread reads (default: measured here, from the page cache)")
+    parser.add_argument("--image-size", type=POSITIVE_INT, default=256, help="the stored images' side")
     parser.add_argument("--no-json", action="store_true", help="print only")
     parser.add_argument("--update-baseline", action="store_true", help=f"also write {BASELINE} from this run")
     parser.add_argument("--markdown", action="store_true", help="print the per-pass table as Markdown too")
@@ -508,7 +578,8 @@ def main(argv=None) -> int:
                         help="also print every kernel's registers, shared memory, spills, occupancy and hot-loop mix")
     args = parser.parse_args(argv)
     try:
-        result = profile(args.variant, args.batch, args.card, args.samples)
+        result = profile(args.variant, args.batch, args.card, args.samples, loader_threads=args.loader_threads,
+                         staging_rate=args.staging_rate, image_size=args.image_size)
     except (sass.SassUnavailable, RuntimeError, ValueError) as e:
         print(f"pyalexnet profile: error: {e}", file=sys.stderr)
         return 2

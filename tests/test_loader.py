@@ -105,17 +105,19 @@ def test_resuming_mid_epoch_gives_bitwise_the_rest(dataset):
             np.testing.assert_array_equal(x, y)
 
 
-def test_a_device_batch_stays_intact_while_the_caller_holds_it(dataset):
+@pytest.mark.parametrize("ring", ["device", "host"])
+def test_a_ring_batch_stays_intact_while_the_caller_holds_it(dataset, ring):
     """depth 1: the pipeline may run only one batch ahead; while the caller works (sleeps) on a batch, the staging
-    threads and the copy queue go on, and must not touch the buffer it holds."""
+    threads (and the copy queue) go on, and must not touch the buffer it holds."""
     loader = D.BatchLoader(dataset, "train", 4, 10, train=True, seed=2, threads=2, depth=1)
     expected = _expected(loader, 0, loader.order(0))
     buffers = set()
-    for batch, want in zip(loader.epoch(0, device=True), expected):
+    batches = loader.epoch(0, device=True) if ring == "device" else loader.epoch(0, reuse=True)
+    for batch, want in zip(batches, expected):
         time.sleep(0.05)
         _same(batch, want)
         buffers.add(batch.images.__array_interface__["data"][0])
-    assert len(buffers) == 2  # the device ring: depth + 1 buffers, reused, no allocation per batch
+    assert len(buffers) == 2  # the ring: depth + 1 buffers, reused, no allocation per batch
 
 
 def test_windowed_shuffle_reads_a_window_of_shards_at_a_time(dataset):

@@ -239,3 +239,24 @@ def test_profile_result_is_labelled_predicted(baseline_profile):
     for r in result["passes"]:
         for e in r["launches"]:
             assert e["sass"] and e["spills"] == 0 and e["us"] > 0 and not math.isnan(e["us"])
+
+
+def test_the_input_pipeline_model_names_its_bound():
+    h100 = card("h100")
+    fast = profile.input_pipeline(128, h100, step_ms=10.0, threads=2, staging_rate=16000.0)
+    assert fast["batch_bytes"] == 128 * (256 * 256 * 3 + 8)
+    assert fast["staging_ms"] == pytest.approx(1e3 * 128 / 32000) and fast["bound"] == "compute"
+    assert fast["copy_ms"] == pytest.approx(1e3 * fast["batch_bytes"] / 53e9)
+    assert fast["end_to_end_ms"] == 10.0 and fast["threads_to_keep_up"] == 1
+    starved = profile.input_pipeline(128, h100, step_ms=2.0, threads=2, staging_rate=16000.0)
+    assert starved["bound"] == "staging" and starved["end_to_end_ms"] == pytest.approx(4.0)
+    assert starved["threads_to_keep_up"] == 4  # 128 images in 2 ms at 16,000 per thread
+    slow_link = profile.input_pipeline(128, card("a100"), step_ms=0.5, threads=64, staging_rate=16000.0)
+    assert slow_link["bound"] == "copy" and slow_link["host_link"] == "PCIe Gen4 x16"
+    text = profile.format_input({"batch": 128, "input": starved})
+    assert "bound by staging" in text[1] and "predicted" in text[0] and "given" in text[0]
+
+
+def test_the_staging_rate_is_measured_by_the_loaders_read_path():
+    rate = profile.measure_staging_rate(image_size=32, images=64, seconds=0.05, batch=16)
+    assert 100 < rate < 1e8
