@@ -94,15 +94,21 @@ def test_predict_and_show_filters(prepared, capsys, tmp_path):
     assert shown.shape == (4 * 12 + 1, 6 * 12 + 1, 3) and (np.repeat(np.repeat(shown, 2, 0), 2, 1) == g).all()
 
 
-def test_resume_continues_exactly_where_it_stopped(prepared):
+@pytest.mark.parametrize("shuffle", ["full", "window"])
+def test_resume_continues_exactly_where_it_stopped(prepared, shuffle):
     data = str(prepared / "data")
-    straight, split = prepared / "straight", prepared / "split"
+    straight, split = prepared / f"straight-{shuffle}", prepared / f"split-{shuffle}"
     common = ["--data", data, "--epochs", "2", "--log-every", "1", "--schedule", "step", "--step-every", "1", *SMALL]
-    assert main(["train", "--out", str(straight), *common]) == 0
+    # window: 2 shards of 64 a window, and 3 staging threads; the resumed call asks for neither and must get
+    # the checkpoint's shuffle (the thread count is free: it does not change a batch)
+    first = ["--shuffle", "window", "--shuffle-window", "2", "--loader-threads", "3"] if shuffle == "window" else []
+    assert main(["train", "--out", str(straight), *common, *first]) == 0
     # The same run, stopped mid-epoch (step 7 of 15) and resumed from its checkpoint.
-    assert main(["train", "--out", str(split), "--max-steps", "7", *common]) == 0
-    assert pa.load(split / "last.npz").extra["train"]["batch"] == 7
-    assert main(["train", "--out", str(split), "--resume", str(split / "last.npz"), *common]) == 0
+    assert main(["train", "--out", str(split), "--max-steps", "7", *common, *first]) == 0
+    state = pa.load(split / "last.npz").extra["train"]
+    assert state["batch"] == 7 and state["shuffle"] == shuffle
+    assert main(["train", "--out", str(split), "--resume", str(split / "last.npz"), *common,
+                 "--loader-threads", "1"]) == 0
     a, b = _params(straight / "last.npz"), _params(split / "last.npz")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -323,3 +323,28 @@ def test_no_tensorboard_is_no_error(data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     assert T._summary_writer() is None
     assert T.train(data, tmp_path / "run", max_steps=1, **QUIET)["steps"] == 1
+
+
+def test_the_time_spent_waiting_for_input_is_logged_and_an_input_bound_epoch_says_so(tmp_path, monkeypatch):
+    from pyalexnet import data as D
+
+    write_demo_data(tmp_path / "images", train_per_class=4, val_per_class=1, size=72, seed=2)
+    D.prepare(tmp_path / "images", tmp_path / "data", size=72, workers=1, progress=False)
+    read = D.Split.read_into
+
+    def slow(self, *args):  # a disk far slower than the step
+        time.sleep(1.0)
+        return read(self, *args)
+
+    monkeypatch.setattr(D.Split, "read_into", slow)
+    said = []
+    r = T.train(tmp_path / "data", tmp_path / "run", width=0.25, crop=67, init="kaiming", batch_size=16, epochs=1,
+                schedule="constant", log_every=1, loader_threads=1, progress=False, tensorboard=False,
+                echo=said.append)
+    steps = _steps(tmp_path / "run")
+    assert steps and all(0.0 <= x["data_wait"] <= 1.0 for x in steps)
+    assert sum(x["data_wait"] for x in steps) / len(steps) > 0.3
+    assert 0.3 < r["data_wait"] <= 1.0
+    assert any(line.startswith("input-bound: the training step waited for input") and "--loader-threads" in line
+               for line in said)
+    assert "waiting for input" in said[-1]
