@@ -257,6 +257,16 @@ def test_the_input_pipeline_model_names_its_bound():
     assert "bound by staging" in text[1] and "predicted" in text[0] and "given" in text[0]
 
 
-def test_the_staging_rate_is_measured_by_the_loaders_read_path():
+def test_the_staging_rate_is_measured_by_the_loaders_read_path(monkeypatch):
+    from pyalexnet import data
+
+    calls, read = [], data.Split.read_into
+
+    def counted(self, out, positions, indices):
+        calls.append(len(indices))
+        return read(self, out, positions, indices)
+
+    monkeypatch.setattr(data.Split, "read_into", counted)
     rate = profile.measure_staging_rate(image_size=32, images=64, seconds=0.05, batch=16)
+    assert len(calls) >= 2 and set(calls) == {16}  # the warm-up read and at least one timed one
     assert 100 < rate < 1e8
