@@ -731,9 +731,8 @@ class BatchLoader:
     classes (files are sharded in class order unless prepare's `interleave`): a window must span many classes,
     or the batches are far from a random sample. `threads` staging threads (default: up to 4, the CPUs
     allowed) read the batches from the shards, each thread a whole batch, straight into a ring of reusable
-    buffers (`depth + threads` of them; on the device `depth + 1`). `readahead`
-    asks the kernel (posix_fadvise) for what the batches after those will read, so that reading from disk
-    overlaps too: whole shards with the windowed shuffle, image by image with the full one. None (the default)
+    buffers (`depth + threads` of them; on the device `depth + 1`). `readahead` asks the kernel
+    (posix_fadvise) for what the batches after those will read, so that reading from disk overlaps too: whole shards with the windowed shuffle, image by image with the full one. None (the default)
     means on for the windowed shuffle and off for the full one, whose data is expected in the page cache (there
     a request per image costs about a third of the staging rate, for nothing).
 
