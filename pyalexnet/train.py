@@ -469,7 +469,8 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
     excluded; None without steps), "loss" (the last step's; None without steps), "epoch" and "batch" (the
     position reached), "best_val_top1_error", "stopped" (None: finished the epochs; "max_steps",
     "interrupted", or "nothing_to_do": a resumed checkpoint already at the last epoch), "data_wait" (the share of
-    the training time spent waiting for input; None without steps), "scale", "out", "net", "optimizer". Raises TrainingDiverged on a NaN/inf loss or weights."""
+    the training time spent waiting for input; None without steps), "scale", "out", "net", "optimizer". Raises
+    TrainingDiverged on a NaN/inf loss or weights."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "echo"}
     from tqdm import tqdm
 
@@ -641,7 +642,8 @@ def train(data, out, variant="paper", epochs=90, batch_size=128, lr=0.01, moment
                        "val_top5_error": None}
                 val_error = None
                 if has_val:
-                    ev = evaluate(net, dataset, "val", batch_size=batch_size, ten_crop=False, scale=scale)
+                    ev = evaluate(net, dataset, "val", batch_size=batch_size, ten_crop=False, scale=scale,
+                                  loader_threads=loader_threads)
                     val_error = ev["top1_error"]
                     rec.update(val_top1_error=ev["top1_error"], val_top5_error=ev["top5_error"])
                 opt.end_epoch(val_error)
