@@ -435,21 +435,19 @@ class Split:
     def readahead(self, indices) -> None:
         """Asks the kernel to start reading these images from disk now (posix_fadvise WILLNEED), so that a read
         soon after finds them in the page cache. A no-op where the call does not exist."""
-        if not hasattr(os, "posix_fadvise"):
-            return
         shard, local = self.locate(indices)
         for s, lo in sorted(zip(shard.tolist(), local.tolist())):
             self._advise(s, self.offsets[s] + lo * self.row_bytes, self.row_bytes)
 
     def readahead_shards(self, shards) -> None:
         """The same for whole shards: one call each."""
-        if not hasattr(os, "posix_fadvise"):
-            return
         for s in sorted(shards):
             self._advise(s, self.offsets[s], int(self.counts[s]) * self.row_bytes)
 
     def _advise(self, shard: int, offset: int, length: int) -> None:
         # Only a hint: a file system that refuses it costs the read-ahead, never the run.
+        if not hasattr(os, "posix_fadvise"):
+            return
         try:
             with self.files.use(shard) as fd:
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
