@@ -27,6 +27,8 @@
 #else
 namespace pa_emu {
 int worker_count();              // emu/runtime.cpp
+int emulated_sm_count();         // emu/runtime.cpp
+void set_emulated_sm_count(int n);  // emu/runtime.cpp
 const char* fiber_switch_name();  // emu/runtime.cpp
 std::map<std::string, int> launch_bounds_seen();  // emu/runtime.cpp
 }
@@ -183,7 +185,7 @@ struct Named {
 
 // Outputs must not share memory with inputs or with each other: kernels read inputs while they write outputs
 // (exact in-place, the same array as input and output, is allowed where the caller says the op supports it).
-void expect_disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs, bool in_place = false) {
+void expect_disjoint(const std::vector<Named>& outputs, const std::vector<Named>& inputs, bool in_place = false) {
     auto check = [](const Named& o, const Named& i, bool exact_ok) {
         const auto lo1 = reinterpret_cast<uintptr_t>(o.array.data), lo2 = reinterpret_cast<uintptr_t>(i.array.data);
         const auto hi1 = lo1 + uintptr_t(o.array.size * o.array.itemsize), hi2 = lo2 + uintptr_t(i.array.size * i.array.itemsize);
@@ -273,7 +275,7 @@ void sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b,
     pa::sgemm(trans_a, trans_b, m, n, k, alpha, f32(aa), lda, f32(ab), ldb, beta, f32(ac), n, pbias, stream_arg(stream));
 }
 
-void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uintptr_t stream) {
+void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uintptr_t stream, bool relu) {
     const Array ax = array_arg(x, "x", "f4", false, stream), aw = array_arg(w, "w", "f4", false, stream),
                 ay = array_arg(y, "y", "f4", true, stream);
     expect_rank(ax, "x", 2);
@@ -292,7 +294,7 @@ void linear_forward(py::handle x, py::handle w, py::object b, py::handle y, uint
     const int nb = int_dim(batch, "batch"), ni = int_dim(in, "in_features"), no = int_dim(out, "out_features");
     expect_disjoint({{ay, "y"}}, {{ax, "x"}, {aw, "w"}});
     py::gil_scoped_release nogil;
-    pa::linear_forward(f32(ax), f32(aw), pb, f32(ay), nb, ni, no, stream_arg(stream));
+    pa::linear_forward(f32(ax), f32(aw), pb, f32(ay), nb, ni, no, stream_arg(stream), relu);
 }
 
 void linear_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py::handle dw, py::handle db,
@@ -352,6 +354,46 @@ void sgd_update(py::handle w, py::handle dw, py::handle v, float lr, float momen
     pa::sgd_update(f32(aw), f32(adw), f32(av), aw.size, lr, momentum, weight_decay, stream_arg(stream));
 }
 
+// sgd_update for lists of tensors (w[i], dw[i], v[i]), in as few launches as the kernel's table allows.
+void sgd_update_many(const py::sequence& w, const py::sequence& dw, const py::sequence& v, float lr, float momentum,
+                     float weight_decay, uintptr_t stream) {
+    const size_t count = py::len(w);
+    if (py::len(dw) != count || py::len(v) != count)
+        throw py::value_error("sgd_update_many: w, dw and v must be lists of the same length, got " +
+                              std::to_string(count) + ", " + std::to_string(py::len(dw)) + " and " +
+                              std::to_string(py::len(v)));
+    if (!(std::isfinite(lr) && lr > 0.0f)) throw py::value_error("lr: expected a finite value > 0, got " + std::to_string(lr));
+    if (!(momentum >= 0.0f && momentum < 1.0f))
+        throw py::value_error("momentum: expected a value in [0, 1), got " + std::to_string(momentum));
+    if (!(std::isfinite(weight_decay) && weight_decay >= 0.0f))
+        throw py::value_error("weight_decay: expected a finite value >= 0, got " + std::to_string(weight_decay));
+    std::vector<Array> arrays;
+    std::vector<std::string> names;
+    arrays.reserve(3 * count);
+    names.reserve(3 * count);
+    for (size_t i = 0; i < count; ++i) {
+        const std::string k = "[" + std::to_string(i) + "]";
+        names.push_back("w" + k), names.push_back("dw" + k), names.push_back("v" + k);
+        arrays.push_back(array_arg(w[i], names[3 * i].c_str(), "f4", true, stream));
+        arrays.push_back(array_arg(dw[i], names[3 * i + 1].c_str(), "f4", false, stream));
+        arrays.push_back(array_arg(v[i], names[3 * i + 2].c_str(), "f4", true, stream));
+        expect_shape(arrays[3 * i + 1], names[3 * i + 1].c_str(), arrays[3 * i].shape);
+        expect_shape(arrays[3 * i + 2], names[3 * i + 2].c_str(), arrays[3 * i].shape);
+    }
+    std::vector<Named> outputs, inputs;
+    for (size_t i = 0; i < count; ++i) {
+        outputs.push_back({arrays[3 * i], names[3 * i].c_str()});
+        outputs.push_back({arrays[3 * i + 2], names[3 * i + 2].c_str()});
+        inputs.push_back({arrays[3 * i + 1], names[3 * i + 1].c_str()});
+    }
+    expect_disjoint(outputs, inputs);  // every w and v apart from each other and from every dw
+    std::vector<pa::SgdTensor> tensors;
+    for (size_t i = 0; i < count; ++i)
+        tensors.push_back({f32(arrays[3 * i]), f32(arrays[3 * i + 1]), f32(arrays[3 * i + 2]), arrays[3 * i].size});
+    py::gil_scoped_release nogil;
+    pa::sgd_update_many(tensors.data(), int(tensors.size()), lr, momentum, weight_decay, stream_arg(stream));
+}
+
 // The convolution's geometry, checked: returns the output shape (N, K, P, Q).
 struct ConvArgs {
     int N, C, H, W, K, R, S;
@@ -391,7 +433,7 @@ ConvArgs conv_args(const Array& x, const Array& w, int stride, int padding, int 
 }
 
 void conv_forward(py::handle x, py::handle w, py::object b, py::handle y, int stride, int padding, int groups,
-                  uintptr_t stream) {
+                  uintptr_t stream, bool relu) {
     const Array ax = array_arg(x, "x", "f4", false, stream), aw = array_arg(w, "w", "f4", false, stream),
                 ay = array_arg(y, "y", "f4", true, stream);
     const ConvArgs c = conv_args(ax, aw, stride, padding, groups);
@@ -406,7 +448,7 @@ void conv_forward(py::handle x, py::handle w, py::object b, py::handle y, int st
     }
     py::gil_scoped_release nogil;
     pa::conv_forward(f32(ax), f32(aw), pb, f32(ay), c.N, c.C, c.H, c.W, c.K, c.R, c.S, stride, padding, groups,
-                     stream_arg(stream));
+                     stream_arg(stream), relu);
 }
 
 void conv_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py::handle dw, py::handle db, int stride,
@@ -426,15 +468,22 @@ void conv_backward(py::handle dy, py::handle x, py::handle w, py::handle dx, py:
 }
 
 void conv_backward_data(py::handle dy, py::handle w, py::handle dx, int stride, int padding, int groups,
-                        uintptr_t stream) {
+                        uintptr_t stream, py::object relu_y) {
     const Array ady = array_arg(dy, "dy", "f4", false, stream), aw = array_arg(w, "w", "f4", false, stream),
                 adx = array_arg(dx, "dx", "f4", true, stream);
     const ConvArgs c = conv_args(adx, aw, stride, padding, groups);
     expect_shape(ady, "dy", c.out_shape);
     expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {aw, "w"}});
+    const float* py_relu = nullptr;
+    if (!relu_y.is_none()) {
+        const Array ar = array_arg(relu_y, "relu_y", "f4", false, stream);
+        expect_shape(ar, "relu_y", adx.shape);
+        expect_disjoint({{adx, "dx"}}, {{ar, "relu_y"}});
+        py_relu = f32(ar);
+    }
     py::gil_scoped_release nogil;
     pa::conv_backward_data(f32(ady), f32(aw), f32(adx), c.N, c.C, c.H, c.W, c.K, c.R, c.S, stride, padding, groups,
-                           stream_arg(stream));
+                           stream_arg(stream), py_relu);
 }
 
 void conv_backward_filter(py::handle dy, py::handle x, py::handle dw, py::handle db, int stride, int padding,
@@ -513,7 +562,8 @@ void maxpool_forward(py::handle x, py::handle y, int size, int stride, uintptr_t
                         stream_arg(stream));
 }
 
-void maxpool_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, int size, int stride, uintptr_t stream) {
+void maxpool_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, int size, int stride, uintptr_t stream,
+                      bool relu) {
     const Array ady = array_arg(dy, "dy", "f4", false, stream), ax = array_arg(x, "x", "f4", false, stream),
                 ay = array_arg(y, "y", "f4", false, stream), adx = array_arg(dx, "dx", "f4", true, stream);
     const std::vector<int64_t> pooled = pool_shape(ax, size, stride);
@@ -523,7 +573,7 @@ void maxpool_backward(py::handle dy, py::handle x, py::handle y, py::handle dx, 
     expect_disjoint({{adx, "dx"}}, {{ady, "dy"}, {ax, "x"}, {ay, "y"}});
     py::gil_scoped_release nogil;
     pa::maxpool_backward(f32(ady), f32(ax), f32(ay), f32(adx), ax.shape[0] * ax.shape[1], int(ax.shape[2]),
-                         int(ax.shape[3]), size, stride, stream_arg(stream));
+                         int(ax.shape[3]), size, stride, stream_arg(stream), relu);
 }
 
 // Adaptive average pooling's geometry: x (N, C, H, W) pooled to y (N, C, OH, OW), every size >= 1. The output
@@ -758,6 +808,10 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.attr("backend") = "emu";
     m.attr("fiber_switch") = pa_emu::fiber_switch_name();
     m.def("worker_count", &pa_emu::worker_count, "Worker threads of the emulator (PYALEXNET_EMU_WORKERS).");
+    m.def("emulated_sm_count", &pa_emu::emulated_sm_count,
+          "SMs of the card the emulator stands for (132 unless set): grid-shaping choices such as split-K follow it.");
+    m.def("set_emulated_sm_count", &pa_emu::set_emulated_sm_count, py::arg("n"),
+          "Stand for a card with n SMs (pyalexnet profile sets its card's).");
     m.def("launch_bounds_seen", &pa_emu::launch_bounds_seen,
           "Each kernel launched so far (as its launch names it) -> its __launch_bounds__ threads, 0 if none.");
 #if defined(__SANITIZE_ADDRESS__)
@@ -813,20 +867,27 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("sgemm", &sgemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("trans_a") = false,
           py::arg("trans_b") = false, py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("bias") = py::none(), s,
           "c = alpha op(a) op(b) + beta c + bias (op transposes when trans_* is set).");
-    m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), s, "y = x w^T + b.");
+    m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), s,
+          py::arg("relu") = false, "y = x w^T + b (relu: then max(y, 0), NaN kept: the next layer's ReLU fused).");
     m.def("linear_backward", &linear_backward, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("dx"), py::arg("dw"),
           py::arg("db"), s, "dx = dy w, dw = dy^T x, db = sum_rows dy (all overwritten).");
     m.def("softmax_xent", &softmax_xent, py::arg("logits"), py::arg("labels"), py::arg("dlogits"), py::arg("row_loss"),
           py::arg("result"), s, "Per-row softmax cross-entropy and dlogits; result = [mean loss, bad labels].");
     m.def("sgd_update", &sgd_update, py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"), py::arg("momentum"),
           py::arg("weight_decay"), s, "v = momentum v - weight_decay lr w - lr dw; w += v (in place).");
+    m.def("sgd_update_many", &sgd_update_many, py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"),
+          py::arg("momentum"), py::arg("weight_decay"), s,
+          "sgd_update for lists of tensors, in one launch per 32 of them.");
     m.def("conv_forward", &conv_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("stride"),
-          py::arg("padding"), py::arg("groups"), s, "y = conv2d(x, w) + b (cross-correlation, zero padding, groups).");
+          py::arg("padding"), py::arg("groups"), s, py::arg("relu") = false,
+          "y = conv2d(x, w) + b (cross-correlation, zero padding, groups); relu: then max(y, 0), NaN kept.");
     m.def("conv_backward", &conv_backward, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("dx"), py::arg("dw"),
           py::arg("db"), py::arg("stride"), py::arg("padding"), py::arg("groups"), s,
           "dx, dw, db of conv_forward (all overwritten; deterministic).");
     m.def("conv_backward_data", &conv_backward_data, py::arg("dy"), py::arg("w"), py::arg("dx"), py::arg("stride"),
-          py::arg("padding"), py::arg("groups"), s, "dx of conv_forward (dx's shape gives x's).");
+          py::arg("padding"), py::arg("groups"), s, py::arg("relu_y") = py::none(),
+          "dx of conv_forward (dx's shape gives x's); relu_y (like dx): dx also 0 where relu_y is not > 0 (the "
+          "derivative of the ReLU whose output x is).");
     m.def("conv_backward_filter", &conv_backward_filter, py::arg("dy"), py::arg("x"), py::arg("dw"), py::arg("db"),
           py::arg("stride"), py::arg("padding"), py::arg("groups"), s, "dw and db of conv_forward.");
     m.def("lrn_forward", &lrn_forward, py::arg("x"), py::arg("y"), py::arg("size"), py::arg("alpha"), py::arg("beta"),
@@ -836,7 +897,9 @@ PYBIND11_MODULE(PA_MODULE, m) {
     m.def("maxpool_forward", &maxpool_forward, py::arg("x"), py::arg("y"), py::arg("size"), py::arg("stride"), s,
           "Max over size x size windows at stride, floor mode, no padding.");
     m.def("maxpool_backward", &maxpool_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("dx"),
-          py::arg("size"), py::arg("stride"), s, "dx of maxpool_forward: dy to each window's first maximum.");
+          py::arg("size"), py::arg("stride"), s, py::arg("relu") = false,
+          "dx of maxpool_forward: dy to each window's first maximum (relu: and 0 where x is not > 0, x being a ReLU's "
+          "output).");
     m.def("adaptive_avgpool_forward", &adaptive_avgpool_forward, py::arg("x"), py::arg("y"), s,
           "PyTorch's AdaptiveAvgPool2d to y's (OH, OW): cell (i, j) averages rows [floor(i H / OH), "
           "ceil((i + 1) H / OH)), columns likewise.");
@@ -850,6 +913,13 @@ PYBIND11_MODULE(PA_MODULE, m) {
           py::arg("out"), py::arg("scale"), s,
           "Crop, flip, mean subtraction and PCA colour shift of a uint8 HWC batch into float32 NCHW, times scale "
           "(a number, or one per RGB channel).");
+    m.def("split_k_plan", [](long long tiles, int layers, int K, int bk, int sms) {
+        if (tiles < 1 || layers < 1 || K < 0 || bk < 1 || sms < 1)
+            throw py::value_error("split_k_plan: expected tiles, layers, bk, sms >= 1 and K >= 0");
+        const auto plan = pa::split_k_plan(tiles, layers, K, bk, sms);
+        return py::make_tuple(plan[0], plan[1]);
+    }, py::arg("tiles"), py::arg("layers"), py::arg("K"), py::arg("bk"), py::arg("sms"),
+          "(ranges, depth of each) of the split-K the GEMM-shaped launchers use ((1, K): none).");
     m.def("selftest_tiled_gemm", &selftest_tiled_gemm, py::arg("a"), py::arg("b"), py::arg("c"), s);
     m.def("selftest_shuffle_sum", &selftest_shuffle_sum, py::arg("x"), py::arg("out"), py::arg("variant"), s);
     m.def("selftest_dynamic_shared", &selftest_dynamic_shared, py::arg("x"), py::arg("y"), py::arg("shared_floats"), s);

@@ -8,9 +8,13 @@
 //   PA_DYNAMIC_SHARED(T, name)   inside a kernel: `T* name` points at the block's dynamic shared memory.
 //   pa::set_max_dynamic_shared(kernel, bytes)   opt a kernel into more than 48 KB of dynamic shared memory.
 //   pa::static_shared_bytes(kernel)   what the kernel's static __shared__ declarations take (-1: unknown).
+//   pa::sm_count()   the current device's streaming multiprocessors (the emulator: the count it stands for).
+//   pa::Scratch(bytes, stream)   device workspace for the launches of one launcher call, ordered on its stream.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "errors.h"
@@ -54,9 +58,78 @@ long long static_shared_bytes(void (*kernel)(Params...)) {
     return (long long)attr.sharedSizeBytes;
 }
 
+// Streaming multiprocessors of the current device.
+inline int sm_count() {
+    int device = 0, sms = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice", __FILE__, __LINE__);
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute",
+               __FILE__, __LINE__);
+    return sms;
+}
+
+// Workspace taken from the device's stream-ordered pool (cudaMallocAsync) and given back to it, on the same
+// stream, when the launcher returns: the kernels queued before the free still own it, nothing synchronises, and
+// a CUDA Graph capture records both as memory nodes. The pool keeps what it was given (release threshold: all),
+// so the next step's workspace costs no driver allocation.
+class Scratch {
+public:
+    Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
+        if (bytes == 0) return;
+        keep_pool_memory();
+        check_cuda(cudaMallocAsync(&data_, bytes, stream), "cudaMallocAsync (kernel workspace)", __FILE__, __LINE__);
+    }
+    ~Scratch() {
+        if (data_) cudaFreeAsync(data_, stream_);  // an error here resurfaces at the next checked call
+    }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    float* floats() const { return static_cast<float*>(data_); }
+
+private:
+    static void keep_pool_memory() {
+        static std::atomic<unsigned long long> done{0};  // one bit per device
+        int device = 0;
+        check_cuda(cudaGetDevice(&device), "cudaGetDevice", __FILE__, __LINE__);
+        const unsigned long long bit = 1ull << (device & 63);
+        if (done.load() & bit) return;
+        cudaMemPool_t pool;
+        check_cuda(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool", __FILE__, __LINE__);
+        unsigned long long keep = ~0ull;
+        check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute",
+                   __FILE__, __LINE__);
+        done.fetch_or(bit);
+    }
+    cudaStream_t stream_;
+    void* data_ = nullptr;
+};
+
 }  // namespace pa
 #else
 #include "emu/cuda_emu.h"
+
+namespace pa {
+
+// The emulator stands for a card with this many SMs (pa_emu::emulated_sm_count: 132, an H100's or H200's,
+// unless set), so that grid-shaping choices such as split-K are the ones that card would make.
+inline int sm_count() { return pa_emu::emulated_sm_count(); }
+
+// Host memory for the emulator's synchronous launches, 256-byte aligned as cudaMalloc's is.
+class Scratch {
+public:
+    Scratch(size_t bytes, cudaStream_t) {
+        if (bytes) data_ = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+        if (bytes && !data_) throw KernelError("kernel workspace: out of host memory");
+    }
+    ~Scratch() { std::free(data_); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    float* floats() const { return static_cast<float*>(data_); }
+
+private:
+    void* data_ = nullptr;
+};
+
+}  // namespace pa
 #endif
 
 #define PA_LAUNCH(kernel, grid, block, dynamic_shared, stream, ...) \

@@ -18,12 +18,17 @@ void relu_backward(const float* dy, const float* y, float* dx, int64_t n, Stream
 
 // gemm.cu: C[M,N] = alpha * op(A) op(B) + beta * C + bias[n]   (bias may be null; beta == 0 never reads C)
 // op(A) is A stored (M, K) with row stride lda, or (K, M) if trans_a; op(B) is B stored (K, N), or (N, K) if trans_b.
+// relu: C = relu(the whole epilogue) (the FC layers' fused ReLU).
 void sgemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
-           int ldb, float beta, float* C, int ldc, const float* bias, Stream stream);
+           int ldb, float beta, float* C, int ldc, const float* bias, Stream stream, bool relu = false);
+
+// gemm.cu: tile.cuh's split-K rule, as the launchers apply it: {ranges, depth of each} for a GEMM of `tiles` CTAs
+// per grid layer, `layers` layers, depth K walked in slices of bk, on a card of `sms` SMs ({1, K}: no split).
+std::array<int, 2> split_k_plan(long long tiles, int layers, int K, int bk, int sms);
 
 // linear.cu: y = x w^T + b, and its gradients (dw, db overwritten).
 void linear_forward(const float* x, const float* w, const float* b, float* y, int batch, int in, int out,
-                    Stream stream);
+                    Stream stream, bool relu = false);
 void linear_backward(const float* dy, const float* x, const float* w, float* dx, float* dw, float* db, int batch,
                      int in, int out, Stream stream);
 // db[n] = sum_m dy[m, n], in a fixed order (deterministic).
@@ -37,16 +42,28 @@ void softmax_xent(const float* logits, const void* labels, bool labels_int64, fl
 // sgd.cu: the paper's rule, in place: v = momentum v - weight_decay lr w - lr dw; w += v.
 void sgd_update(float* w, const float* dw, float* v, int64_t n, float lr, float momentum, float weight_decay,
                 Stream stream);
+// The same rule for `count` tensors in one launch per kSgdTensorsPerLaunch of them (a network's every parameter).
+struct SgdTensor {
+    float* w;
+    const float* dw;
+    float* v;
+    int64_t n;
+};
+constexpr int kSgdTensorsPerLaunch = 32;
+void sgd_update_many(const SgdTensor* tensors, int count, float lr, float momentum, float weight_decay,
+                     Stream stream);
 
 // conv.cu: x (N, C, H, W), w (K, C/groups, R, S), b (K,) or null, y (N, K, P, Q) with
-// P = (H + 2 pad - R) / stride + 1; backward overwrites dx (like x), dw (like w), db (K,).
+// P = (H + 2 pad - R) / stride + 1; backward overwrites dx (like x), dw (like w), db (K,). Fusions: forward with
+// `relu` writes relu(conv + b); backward_data with relu_y (like x: the ReLU output that x is) multiplies dx by
+// that ReLU's derivative (0 where relu_y is not > 0).
 void conv_forward(const float* x, const float* w, const float* b, float* y, int N, int C, int H, int W, int K, int R,
-                  int S, int stride, int pad, int groups, Stream stream);
+                  int S, int stride, int pad, int groups, Stream stream, bool relu = false);
 void conv_backward(const float* dy, const float* x, const float* w, float* dx, float* dw, float* db, int N, int C,
                    int H, int W, int K, int R, int S, int stride, int pad, int groups, Stream stream);
 // The two halves of conv_backward, for timing them apart.
 void conv_backward_data(const float* dy, const float* w, float* dx, int N, int C, int H, int W, int K, int R, int S,
-                        int stride, int pad, int groups, Stream stream);
+                        int stride, int pad, int groups, Stream stream, const float* relu_y = nullptr);
 void conv_backward_filter(const float* dy, const float* x, float* dw, float* db, int N, int C, int H, int W, int K,
                           int R, int S, int stride, int pad, int groups, Stream stream);
 
@@ -58,10 +75,11 @@ void lrn_backward(const float* dy, const float* x, const float* y, float* dx, in
                   int size, float alpha, float beta, float k, Stream stream);
 
 // pool.cu: max-pooling, floor mode, no padding; x, dx are (planes, H, W) with planes = N * C, H, W >= size;
-// y, dy are (planes, P, Q). Backward needs y (forward's output) and overwrites dx.
+// y, dy are (planes, P, Q). Backward needs y (forward's output) and overwrites dx; `relu`: x is a ReLU's output,
+// and dx is also multiplied by the ReLU's derivative (0 where x is not > 0), so that no relu_backward is needed.
 void maxpool_forward(const float* x, float* y, int64_t planes, int H, int W, int size, int stride, Stream stream);
 void maxpool_backward(const float* dy, const float* x, const float* y, float* dx, int64_t planes, int H, int W,
-                      int size, int stride, Stream stream);
+                      int size, int stride, Stream stream, bool relu = false);
 // Adaptive average pooling (PyTorch's AdaptiveAvgPool2d): x, dx (planes, H, W), y, dy (planes, OH, OW), all sizes
 // >= 1; cell (i, j) averages rows [floor(i H / OH), ceil((i + 1) H / OH)), columns likewise. Backward overwrites dx.
 void adaptive_avgpool_forward(const float* x, float* y, int64_t planes, int H, int W, int OH, int OW, Stream stream);

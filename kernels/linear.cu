@@ -1,7 +1,7 @@
 // Fully-connected layer, forward and backward, on our SGEMM (gemm.cu) plus a bias-gradient kernel.
 //
 //   x (batch, in), w (out, in) as PyTorch stores it, b (out,), y (batch, out)
-//   forward:   y  = x w^T + b            GEMM NT, bias fused in the epilogue
+//   forward:   y  = x w^T + b            GEMM NT, bias (and, when asked, the next layer's ReLU) in the epilogue
 //   backward:  dx = dy w                 GEMM NN
 //              dw = dy^T x               GEMM TN
 //              db = column sums of dy    bias_backward below
@@ -28,8 +28,8 @@ void bias_backward(const float* dy, float* db, int rows, int cols, Stream stream
 }
 
 void linear_forward(const float* x, const float* w, const float* b, float* y, int batch, int in, int out,
-                    Stream stream) {
-    sgemm(false, true, batch, out, in, 1.0f, x, in, w, in, 0.0f, y, out, b, stream);
+                    Stream stream, bool relu) {
+    sgemm(false, true, batch, out, in, 1.0f, x, in, w, in, 0.0f, y, out, b, stream, relu);
 }
 
 void linear_backward(const float* dy, const float* x, const float* w, float* dx, float* dw, float* db, int batch,

@@ -2,7 +2,8 @@
 // no padding: P = (H - size) / stride + 1, Q likewise.
 //
 //   forward:  y[n,c,p,q] = max of x[n,c, p*stride + i, q*stride + j] over 0 <= i, j < size
-//   backward: dx[h,w] = sum of dy[p,q] over the windows whose argmax is (h,w)
+//   backward: dx[h,w] = sum of dy[p,q] over the windows whose argmax is (h,w); with `relu` also the ReLU's
+//             derivative where a ReLU made x (AlexNet's relu -> pool): 0 wherever x is not > 0 (no scan there)
 // The argmax is the first maximum in row-major window order, and a NaN beats every number (the first NaN
 // wins), as in pyalexnet/reference.py. NaN propagates, as in PyTorch.
 //
@@ -51,7 +52,8 @@ __global__ void __launch_bounds__(kPoolThreads)
 
 __global__ void __launch_bounds__(kPoolThreads)
     maxpool_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ y,
-                            float* __restrict__ dx, int64_t inputs, int H, int W, int P, int Q, int size, int stride) {
+                            float* __restrict__ dx, int64_t inputs, int H, int W, int P, int Q, int size, int stride,
+                            bool relu) {
     const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
     if (e >= inputs) return;
     const int w = int(e % W), h = int(e / W % H);
@@ -60,6 +62,10 @@ __global__ void __launch_bounds__(kPoolThreads)
     const float* ys = y + plane * P * Q;
     const float* dys = dy + plane * P * Q;
     const float v = xs[int64_t(h) * W + w];
+    if (relu && !(v > 0.0f)) {  // the ReLU's derivative, as relu_backward has it: dy where y > 0, else 0
+        dx[e] = 0.0f;
+        return;
+    }
     // Windows p with p*stride <= h < p*stride + size.
     const int p_lo = h < size ? 0 : (h - size) / stride + 1, p_hi = min(h / stride, P - 1);
     const int q_lo = w < size ? 0 : (w - size) / stride + 1, q_hi = min(w / stride, Q - 1);
@@ -140,12 +146,12 @@ void maxpool_forward(const float* x, float* y, int64_t planes, int H, int W, int
 }
 
 void maxpool_backward(const float* dy, const float* x, const float* y, float* dx, int64_t planes, int H, int W,
-                      int size, int stride, Stream stream) {
+                      int size, int stride, Stream stream, bool relu) {
     const int P = (H - size) / stride + 1, Q = (W - size) / stride + 1;
     const int64_t inputs = planes * H * W;
     if (inputs <= 0) return;
     PA_LAUNCH(maxpool_backward_kernel, ceil_div(inputs, kPoolThreads), kPoolThreads, 0, as_stream(stream), dy, x, y,
-              dx, inputs, H, W, P, Q, size, stride);
+              dx, inputs, H, W, P, Q, size, stride, relu);
 }
 
 void adaptive_avgpool_forward(const float* x, float* y, int64_t planes, int H, int W, int OH, int OW, Stream stream) {

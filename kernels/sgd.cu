@@ -6,6 +6,13 @@
 // w, dw, v: n floats each; w and v are updated, dw is read. Thread mapping: a grid-stride loop over
 // float4s when all three pointers are 16-byte aligned (the remainder, and unaligned arrays, one float
 // at a time).
+//
+// sgd_update_many updates a whole network in one launch instead of one (or two) per tensor: the tensors'
+// chunks of four elements are numbered one after another, and a grid-stride loop over that numbering finds
+// each chunk's tensor by walking forward from the previous one (a thread's chunks only increase). A chunk is
+// one float4 where the tensor's three arrays are 16-byte aligned and it is whole, else up to four floats.
+#include <algorithm>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -37,6 +44,59 @@ __global__ void sgd_update_scalar(float* __restrict__ w, const float* __restrict
                                   int64_t begin, int64_t n, SgdStep step) {
     for (int64_t i = begin + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
         step(w[i], dw[i], v[i]);
+}
+
+// A launch's tensors; chunk i belongs to tensor t where first[t] <= i < first[t + 1] (first[count]: all chunks).
+struct SgdTable {
+    SgdTensor tensor[kSgdTensorsPerLaunch];
+    int64_t first[kSgdTensorsPerLaunch + 1];
+    unsigned aligned;  // bit t: tensor t's three arrays are 16-byte aligned
+    int count;
+};
+
+__global__ void __launch_bounds__(256) sgd_update_multi(SgdTable table, SgdStep step) {
+    const int64_t chunks = table.first[table.count];
+    int t = 0;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < chunks; i += int64_t(gridDim.x) * blockDim.x) {
+        while (table.first[t + 1] <= i) ++t;
+        const SgdTensor& x = table.tensor[t];
+        const int64_t e = (i - table.first[t]) * 4;
+        if ((table.aligned >> t & 1u) && e + 4 <= x.n) {
+            float4* w = reinterpret_cast<float4*>(x.w + e);
+            float4* v = reinterpret_cast<float4*>(x.v + e);
+            float4 wi = *w, vi = *v;
+            const float4 gi = *reinterpret_cast<const float4*>(x.dw + e);
+            step(wi.x, gi.x, vi.x);
+            step(wi.y, gi.y, vi.y);
+            step(wi.z, gi.z, vi.z);
+            step(wi.w, gi.w, vi.w);
+            *w = wi;
+            *v = vi;
+        } else {
+            for (int64_t j = e; j < e + 4 && j < x.n; ++j) step(x.w[j], x.dw[j], x.v[j]);
+        }
+    }
+}
+
+void sgd_update_many(const SgdTensor* tensors, int count, float lr, float momentum, float weight_decay,
+                     Stream stream) {
+    constexpr int threads = 256;
+    constexpr int64_t max_blocks = 4096;
+    const SgdStep step{lr, momentum, weight_decay * lr};
+    for (int begin = 0; begin < count; begin += kSgdTensorsPerLaunch) {
+        SgdTable table{};
+        table.count = std::min(kSgdTensorsPerLaunch, count - begin);
+        for (int t = 0; t < table.count; ++t) {
+            const SgdTensor& x = tensors[begin + t];
+            table.tensor[t] = x;
+            table.first[t + 1] = table.first[t] + (x.n + 3) / 4;
+            if (aligned16(x.w) && aligned16(x.dw) && aligned16(x.v)) table.aligned |= 1u << t;
+        }
+        const int64_t chunks = table.first[table.count];
+        if (chunks == 0) continue;
+        PA_LAUNCH(sgd_update_multi, unsigned(std::min<int64_t>(max_blocks, (chunks + threads - 1) / threads)), threads,
+                  0, as_stream(stream), table, step);
+    }
 }
 
 void sgd_update(float* w, const float* dw, float* v, int64_t n, float lr, float momentum, float weight_decay,

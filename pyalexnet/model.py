@@ -111,6 +111,22 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+def fused_relus(specs) -> dict[str, set[int]]:
+    """Which ReLU layers (spec indices) run inside their neighbours' kernels (kernels/conv.cu, gemm.cu, pool.cu):
+    "forward": those right after a conv or linear layer, whose epilogue applies them (the layer's own output is
+    never made: acts[i] is None); "backward": those right before a max-pool or a conv layer (but the first),
+    whose backward kernel multiplies by the ReLU's derivative as it writes (it reads the ReLU's output anyway)."""
+    forward, backward = set(), set()
+    for i, spec in enumerate(specs):
+        if spec[0] != "relu":
+            continue
+        if i > 0 and specs[i - 1][0] in ("conv", "linear"):
+            forward.add(i)
+        if i + 1 < len(specs) and specs[i + 1][0] in ("pool", "conv"):
+            backward.add(i)
+    return {"forward": forward, "backward": backward}
+
+
 class AlexNet:
     """AlexNet on the active backend.
 
@@ -130,6 +146,7 @@ class AlexNet:
         self.width = check.positive_finite(width, "width")
         self.specs = layer_specs(variant, num_classes, width)
         self.labels = layer_labels(self.specs)
+        self._fused_relus = fused_relus(self.specs)
         default_size = 227 if variant == "paper" else 224
         self.input_size = check.positive_int(default_size if input_size is None else input_size, "input_size")
         self.shapes = self._infer_shapes()  # each layer's input shape, one image; the last entry is the output
@@ -326,14 +343,20 @@ class AlexNet:
         ws = self._ws = self._workspace(x.shape[0])
         acts, dropout_index = ws["acts"], 0
         acts[0] = x
+        fused = self._fused_relus
         for i, spec in enumerate(self.specs):
             a, out, kind = acts[i], ws["outs"][i], spec[0]
+            relu_next = i + 1 in fused["forward"]  # this conv or linear also applies the ReLU after it
+            if relu_next:
+                out = ws["outs"][i + 1]  # straight into the ReLU's output: the layer's own is never made
             if trace is not None and kind != "flatten":
                 trace(self.labels[i], "forward")
             if kind == "conv":
                 _, name, _, _, stride, padding, groups, _ = spec
                 mod.conv_forward(a, self._params[f"{name}.weight"], self._params[f"{name}.bias"], out, stride,
-                                 padding, groups, stream=stream)
+                                 padding, groups, stream=stream, relu=relu_next)
+            elif kind == "relu" and i in fused["forward"]:
+                out = acts[i + 1]  # made by the layer before, which left acts[i] None
             elif kind == "relu":
                 mod.relu_forward(a, out, stream=stream)
             elif kind == "lrn":
@@ -357,8 +380,11 @@ class AlexNet:
             elif kind == "linear":
                 name = spec[1]
                 mod.linear_forward(a, self._params[f"{name}.weight"], self._params[f"{name}.bias"], out,
-                                   stream=stream)
-            acts[i + 1] = out
+                                   stream=stream, relu=relu_next)
+            if relu_next:
+                acts[i + 1], acts[i + 2] = None, out
+            elif not (kind == "relu" and i in fused["forward"]):
+                acts[i + 1] = out
         if train:
             self.dropout_calls += 1
             self._masks_of = ws
@@ -376,7 +402,7 @@ class AlexNet:
         check.same_shape(dlogits, "dlogits", (ws["batch"], self.num_classes))
         be = _backend.active
         mod, stream = be.module, be.stream()
-        acts, g = ws["acts"], dlogits
+        acts, g, fused = ws["acts"], dlogits, self._fused_relus["backward"]
         for i in range(len(self.specs) - 1, -1, -1):
             spec, kind = self.specs[i], self.specs[i][0]
             a_in, a_out, dx = acts[i], acts[i + 1], ws["grads"][i]
@@ -391,13 +417,18 @@ class AlexNet:
                     break  # nobody needs the gradient of the images
                 if trace is not None:
                     trace(self.labels[i], "dgrad")
-                mod.conv_backward_data(g, w, dx, stride, padding, groups, stream=stream)
+                # the ReLU before this layer, if any, is differentiated here (its output is this layer's input)
+                mod.conv_backward_data(g, w, dx, stride, padding, groups, stream=stream,
+                                       relu_y=a_in if i - 1 in fused else None)
+            elif kind == "relu" and i in fused:
+                dx = g  # already times the ReLU's derivative: the layer after it applied it
             elif kind == "relu":
                 mod.relu_backward(g, a_out, dx, stream=stream)
             elif kind == "lrn":
                 mod.lrn_backward(g, a_in, a_out, dx, LRN["size"], LRN["alpha"], LRN["beta"], LRN["k"], stream=stream)
             elif kind == "pool":
-                mod.maxpool_backward(g, a_in, a_out, dx, POOL["size"], POOL["stride"], stream=stream)
+                mod.maxpool_backward(g, a_in, a_out, dx, POOL["size"], POOL["stride"], stream=stream,
+                                     relu=i - 1 in fused)
             elif kind == "avgpool":
                 if a_out is a_in:
                     dx = g

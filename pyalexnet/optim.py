@@ -144,12 +144,12 @@ class SGD:
         self.epochs = 0
 
     def step(self) -> None:
-        """One update of every parameter from net.gradients()."""
+        """One update of every parameter from net.gradients(), in one launch (kernels/sgd.cu, sgd_update_many)."""
         be = _backend.active
-        grads, stream = self.net.gradients(), be.stream()
-        for k, w in self.net.parameters().items():
-            be.module.sgd_update(w, grads[k], self.velocity[k], self.lr, self.momentum, self.weight_decay,
-                                 stream=stream)
+        grads, params = self.net.gradients(), self.net.parameters()
+        keys = list(params)
+        be.module.sgd_update_many([params[k] for k in keys], [grads[k] for k in keys], [self.velocity[k] for k in keys],
+                                  self.lr, self.momentum, self.weight_decay, stream=be.stream())
         self.steps += 1
 
     def end_epoch(self, validation_error: float | None = None) -> float:

@@ -15,11 +15,14 @@ The model, per launch (every rate is per SM unless it says otherwise):
   distribution the busiest SM runs ceil(CTAs / SMs) CTAs; waves = ceil(CTAs / (resident x SMs));
   instructions the hot loop's iterations = the emulator's dynamic count of the loop's most frequent memory
                instruction class / its count per iteration in SASS; dynamic warp instructions = iterations x
-               the loop's length + the straight-line code once per warp; FFMAs likewise;
+               the loop's length + the straight-line code once per warp; FFMAs likewise. Where the hot loop sits
+               in another (a k loop inside the slice loop), that loop's own part counts the same way, anchored
+               on a memory class the hot loop lacks (its global loads or shared stores);
   fma          busiest SM's FFMAs / (FP32 lanes / 32) per clock;       issue   its instructions / 4 per clock;
   smem         busiest SM's wavefronts / 1 per clock;
   l2           sectors x 32 B over the L2 bandwidth (or over what the busy SMs can pull: 64 B per clock each);
-  dram         unique bytes read and written over the DRAM bandwidth (L2 is assumed to catch all reuse);
+  dram         unique bytes read and written over the DRAM bandwidth (L2 is assumed to catch all reuse), per
+               pointer argument, plus those reached through pointers passed inside a struct;
   latency      each barrier step waits at least one memory latency (L2 hit, or DRAM for the share of traffic
                that misses), per wave; and Little's law: the bytes in flight (resident warps x the hot loop's
                global loads x bytes per load) over the latency bound the bandwidth;
@@ -105,14 +108,19 @@ def counting_module():
 
 
 @contextlib.contextmanager
-def counting_backend(interior: int = DEFAULT_INTERIOR):
-    """Runs everything inside on the counting emulator, `interior` CTAs sampled per grid dimension (0: all)."""
+def counting_backend(interior: int = DEFAULT_INTERIOR, sms: int | None = None):
+    """Runs everything inside on the counting emulator, `interior` CTAs sampled per grid dimension (0: all),
+    standing for a card of `sms` SMs (None: the emulator's default), so that the launchers shape their grids
+    (split-K) as they would on that card."""
     from . import ops
 
     mod = counting_module()
     saved, saved_samples, saved_poison = _backend.active, mod.profile_interior_samples(), ops._poison_outputs
+    saved_sms = mod.emulated_sm_count()
     _backend.active = _backend.Backend("emu", mod, _AlignedHost())
     mod.profile_set_interior_samples(int(interior))
+    if sms is not None:
+        mod.set_emulated_sm_count(int(sms))
     # A sampled run leaves the outputs of the CTAs it skips unwritten, by design: no unwritten-output check then.
     ops._poison_outputs = saved_poison and int(interior) == 0
     mod.profile_take()
@@ -121,19 +129,20 @@ def counting_backend(interior: int = DEFAULT_INTERIOR):
     finally:
         mod.profile_take()
         mod.profile_set_interior_samples(saved_samples)
+        mod.set_emulated_sm_count(saved_sms)
         _backend.active = saved
         ops._poison_outputs = saved_poison
 
 
-def record_step(variant="torchvision", batch=128, interior=DEFAULT_INTERIOR, seed=0):
-    """One training step (forward with dropout, loss, backward, SGD) on the counting emulator: the network and
-    [(layer, pass, launch counts)] in launch order."""
+def record_step(variant="torchvision", batch=128, interior=DEFAULT_INTERIOR, seed=0, sms=None):
+    """One training step (forward with dropout, loss, backward, SGD) on the counting emulator standing for a card
+    of `sms` SMs: the network and [(layer, pass, launch counts)] in launch order."""
     from . import model, ops
     from .model import AlexNet
     from .optim import SGD
 
     launches = []
-    with counting_backend(interior) as mod:
+    with counting_backend(interior, sms) as mod:
         net = AlexNet(variant, seed=seed)
         opt = SGD(net, lr=0.01, momentum=0.9, weight_decay=5e-4)
         xp = _backend.active.xp
@@ -145,9 +154,12 @@ def record_step(variant="torchvision", batch=128, interior=DEFAULT_INTERIOR, see
         def flush():
             records = mod.profile_take()
             layer, pass_ = current[0]
-            for i, rec in enumerate(records):
-                # A linear layer's backward launches dx, then dw and db (kernels/linear.cu).
-                p = pass_ if not (layer.startswith("fc") and pass_ == "backward") else ("dgrad" if i == 0 else "wgrad")
+            gemms = 0
+            for rec in records:
+                # A linear layer's backward launches the GEMM of dx (and its split-K reduction), then that of dw
+                # (and its reduction) and db's kernel (kernels/linear.cu).
+                gemms += "sgemm_kernel" in rec["kernel"]
+                p = pass_ if not (layer.startswith("fc") and pass_ == "backward") else ("dgrad" if gemms <= 1 else "wgrad")
                 launches.append((layer, p, rec))
 
         def trace(layer, pass_):
@@ -249,10 +261,19 @@ def predict(rec, facts, card) -> dict:
     if hot is not None:
         counted = [(hot.mix.get(c, 0), c) for c in _CLASS_KEY if hot.mix.get(c, 0) and _dynamic(rec, c) > 0]
         anchor = max(counted)[1] if counted else None
+    outer = facts.outer_loop if facts else None
     if anchor is not None:
         iterations = _dynamic(rec, anchor) / hot.mix[anchor]
         instructions = iterations * hot.instructions + facts.straight * warps_cta * ctas
         ffma = iterations * hot.mix.get("FFMA", 0)
+        own = [(outer.mix.get(c, 0), c) for c in _CLASS_KEY
+               if outer is not None and outer.mix.get(c, 0) and not hot.mix.get(c, 0) and _dynamic(rec, c) > 0]
+        if own:
+            # Shared stores first: they run every slice, where a bounds-checked gather may skip a whole warp's load.
+            outer_anchor = max(own, key=lambda nc: (nc[1].startswith("STS"), nc))[1]
+            outer_iterations = _dynamic(rec, outer_anchor) / outer.mix[outer_anchor]
+            instructions += outer_iterations * outer.instructions
+            ffma += outer_iterations * outer.mix.get("FFMA", 0)
     elif facts is not None and facts.instructions:
         static_memory = sum(facts.mix.get(c, 0) for c in _CLASS_KEY) or 1
         instructions = max(memory * facts.instructions / static_memory, facts.instructions * warps_cta * ctas)
@@ -263,7 +284,9 @@ def predict(rec, facts, card) -> dict:
     wavefronts = sum(i["wavefronts"] for i in rec["instructions"] if i["space"] == "shared")
     sectors = sum(i["sectors"] for i in rec["instructions"] if i["space"] == "global")
     global_requests = sum(i["instructions"] for i in rec["instructions"] if i["space"] == "global")
-    dram = sum(b["read_bytes"] + b["write_bytes"] for b in rec["buffers"])
+    # Bytes the kernel reached through pointers it got inside a struct (sgd_update_many's table) have no pointer
+    # argument to be counted against: the emulator sums them apart, block by block (blocks do not share them).
+    dram = sum(b["read_bytes"] + b["write_bytes"] for b in rec["buffers"]) + rec.get("other_global_bytes", 0.0)
 
     t = {}
     t["fma"] = per_sm * (ffma / ctas) / (card.fp32_lanes_per_sm / 32 * clock)
@@ -275,7 +298,9 @@ def predict(rec, facts, card) -> dict:
     miss = min(1.0, dram / (sectors * 32)) if sectors else 1.0
     latency = (card.l2_latency_ns + miss * (card.dram_latency_ns - card.l2_latency_ns)) * 1e-9
     steps = rec["barriers"] / ctas + 1 if global_requests else 0
-    in_flight_loads = max(1, sum(hot.mix.get(c, 0) for c in ("LDG", "LDG.128"))) if hot else 1
+    # The global loads a warp has in flight: those of the hot loop, or of the loop around it that issues them.
+    loads = [lp for lp in (hot, outer) if lp is not None and any(lp.mix.get(c, 0) for c in ("LDG", "LDG.128"))]
+    in_flight_loads = max(1, sum(loads[0].mix.get(c, 0) for c in ("LDG", "LDG.128"))) if loads else 1
     bytes_per_load = sectors * 32 / global_requests if global_requests else 0
     in_flight = active * min(resident, per_sm) * warps_cta * in_flight_loads * bytes_per_load
     little = sectors * 32 * latency / in_flight if in_flight else 0
@@ -332,7 +357,7 @@ def profile(variant="torchvision", batch=128, card="h100", interior=DEFAULT_INTE
     spec = cards.card(card)
     facts = sass.kernel_facts(spec.sass_arch)
     started = time.perf_counter()
-    net, launches = record_step(variant, batch, interior, seed)
+    net, launches = record_step(variant, batch, interior, seed, sms=spec.sms)
     emulated_s = time.perf_counter() - started
     lines = source_lines(i["pc"] for _, _, rec in launches for i in rec["instructions"])
     peak = spec.fp32_tflops * 1e12

@@ -92,14 +92,20 @@ class KernelFacts:
     mix: dict = field(default_factory=dict)
     loops: list = field(default_factory=list)
     hot_loop: Loop | None = None
+    # The smallest loop around the hot loop, as the part of it outside the hot loop (its instructions and mix): a
+    # tile engine whose k loop is not unrolled has its global loads and shared stores here, once per slice.
+    outer_loop: Loop | None = None
     straight: int = 0             # instructions outside every loop
 
     def as_dict(self) -> dict:
         hot = self.hot_loop
+        outer = self.outer_loop
         return {"registers": self.registers, "static_shared": self.static_shared, "stack": self.stack,
                 "spills": self.local, "instructions": self.instructions, "mix": self.mix, "loops": len(self.loops),
                 "hot_loop": None if hot is None else {"start": hex(hot.start), "end": hex(hot.end),
-                                                      "instructions": hot.instructions, "mix": hot.mix}}
+                                                      "instructions": hot.instructions, "mix": hot.mix},
+                "outer_loop": None if outer is None else {"start": hex(outer.start), "end": hex(outer.end),
+                                                          "instructions": outer.instructions, "mix": outer.mix}}
 
 
 class SassUnavailable(RuntimeError):
@@ -221,8 +227,14 @@ def _analyse(k: KernelFacts, instrs: list) -> None:
     innermost = [a for a in k.loops if not any(b is not a and a.start <= b.start and b.end <= a.end and
                                                (b.start, b.end) != (a.start, a.end) for b in k.loops)]
     if innermost:
-        k.hot_loop = max(innermost, key=lambda lp: (lp.mix.get("FFMA", 0) + lp.mix.get("HMMA", 0), lp.memory,
-                                                     lp.instructions))
+        hot = k.hot_loop = max(innermost, key=lambda lp: (lp.mix.get("FFMA", 0) + lp.mix.get("HMMA", 0), lp.memory,
+                                                           lp.instructions))
+        around = [a for a in k.loops if a is not hot and a.start <= hot.start and hot.end <= a.end]
+        if around:
+            outer = min(around, key=lambda lp: lp.instructions)
+            mix = {c: outer.mix.get(c, 0) - hot.mix.get(c, 0) for c in outer.mix}
+            k.outer_loop = Loop(outer.start, outer.end, outer.instructions - hot.instructions,
+                                {c: n for c, n in mix.items() if n > 0})
 
 
 def _count(classes, division, indices) -> dict:

@@ -153,6 +153,53 @@ def test_sgd_update_unaligned_multidimensional(rng):
     assert rel_err(v, v0) < TOL
 
 
+def test_sgd_update_many_in_one_call(rng):
+    # 40 tensors: two launches of the kernel's 32-tensor table; sizes around the float4 chunk, and unaligned ones.
+    sizes = [1, 3, 4, 5, 7, 8, 1001, 64 * 363, 17] * 4 + [2, 1, 4096, 6]
+    mod = pa._backend.active.module
+    ws, dws, vs, refs = [], [], [], []
+    for i, n in enumerate(sizes):
+        make = (lambda: _unaligned(rng, n)) if i % 3 == 2 else (lambda: pa.asarray(rng.standard_normal(n).astype(np.float32)))
+        w, dw, v = make(), make(), make()
+        refs.append(R.sgd_update(pa.to_numpy(w).copy(), pa.to_numpy(dw).copy(), pa.to_numpy(v).copy(), 0.02, 0.8, 1e-3))
+        ws.append(w), dws.append(dw), vs.append(v)
+    mod.sgd_update_many(ws, dws, vs, 0.02, 0.8, 1e-3, stream=pa._backend.active.stream())
+    for w, v, (ref_w, ref_v) in zip(ws, vs, refs):
+        assert rel_err(w, ref_w) < TOL and rel_err(v, ref_v) < TOL
+
+
+def test_sgd_update_many_equals_one_tensor_at_a_time(rng):
+    mod = pa._backend.active.module
+    tensors = [[rng.standard_normal(n).astype(np.float32) for _ in range(3)] for n in (9, 4096, 1)]
+    many = [[pa.asarray(a.copy()) for a in t] for t in tensors]
+    one = [[pa.asarray(a.copy()) for a in t] for t in tensors]
+    mod.sgd_update_many([t[0] for t in many], [t[1] for t in many], [t[2] for t in many], 0.01, 0.9, 5e-4)
+    for w, dw, v in one:
+        pa.ops.sgd_update(w, dw, v, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for a, b in zip(many, one):
+        np.testing.assert_array_equal(pa.to_numpy(a[0]), pa.to_numpy(b[0]))
+        np.testing.assert_array_equal(pa.to_numpy(a[2]), pa.to_numpy(b[2]))
+
+
+def test_sgd_update_many_bad_input(rng):
+    mod = pa._backend.active.module
+    a, b, c, d = (pa.asarray(rng.standard_normal(8).astype(np.float32)) for _ in range(4))
+    short = pa.asarray(np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="same length"):
+        mod.sgd_update_many([a], [b, c], [d], 0.1, 0.9, 0.0)
+    with pytest.raises(ValueError, match=r"dw\[1\]: expected shape"):
+        mod.sgd_update_many([a, b], [c, short], [d, pa.asarray(np.zeros(8, np.float32))], 0.1, 0.9, 0.0)
+    with pytest.raises(ValueError, match=r"shares memory"):
+        mod.sgd_update_many([a, b], [c, c], [d, a], 0.1, 0.9, 0.0)  # tensor 1's v is tensor 0's w
+    with pytest.raises(ValueError, match="lr"):
+        mod.sgd_update_many([a], [b], [c], 0.0, 0.9, 0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        mod.sgd_update_many([a], [b], [c], 0.1, 1.0, 0.0)
+    with pytest.raises(TypeError, match=r"w\[0\]"):
+        mod.sgd_update_many([a.astype(np.float64)], [b], [c], 0.1, 0.9, 0.0)
+    mod.sgd_update_many([], [], [], 0.1, 0.9, 0.0)  # nothing to do
+
+
 def test_sgd_with_torch_matches_five_steps(torch, rng):
     w0 = rng.standard_normal(1000).astype(np.float32)
     grads = [rng.standard_normal(1000).astype(np.float32) for _ in range(5)]

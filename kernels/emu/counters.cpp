@@ -403,7 +403,7 @@ void end_block() {
             const uintptr_t addr = (page << 12) + (uintptr_t(s) << 5);
             auto it = std::upper_bound(L.bases.begin(), L.bases.end(), addr + 31);
             if (it == L.bases.begin()) {
-                other += 32;
+                other += (r ? 32 : 0) + (w ? 32 : 0);  // read and written: both, as a buffer's bytes are counted
                 continue;
             }
             const size_t i = size_t(it - L.bases.begin()) - 1;

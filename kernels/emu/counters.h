@@ -98,7 +98,8 @@ struct LaunchCounts {
     long long static_shared = -1;
     long long ctas = 0, sampled_ctas = 0;
     double barriers = 0;      // block-wide barriers passed, summed over the grid
-    double other_global_bytes = 0;  // unique bytes at addresses below every pointer argument (none expected)
+    double other_global_bytes = 0;  // unique bytes read plus written below every pointer argument (a kernel that
+                                    // gets its pointers inside a struct, as sgd_update_many does)
     std::vector<InstructionCounts> instructions;
     std::vector<BufferCounts> buffers;
 };

@@ -431,6 +431,10 @@ inline void collect_pointer(const T& a, uintptr_t* out, int& n) {
 void launch_blocks(const LaunchInfo& info, const std::function<void()>& thread_body);
 void set_max_dynamic_shared(const void* kernel, size_t bytes);
 int worker_count();
+// The SM count of the card the emulator stands for (132, an H100's or H200's, unless set): what pa::sm_count()
+// answers, so that grid-shaping choices (split-K) are that card's. set_emulated_sm_count rejects n < 1.
+int emulated_sm_count();
+void set_emulated_sm_count(int n);
 const char* fiber_switch_name();  // how fibers switch: "own (x86-64)", "own (aarch64)" or "ucontext"
 // Bytes of static __shared__ storage the kernel declares, read from the module's symbol table; -1 if unknown.
 long long kernel_static_shared_bytes(const void* kernel);

@@ -27,6 +27,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1245,6 +1246,17 @@ unsigned char* module_tls_block(size_t* size) {
 }  // namespace
 
 int worker_count() { return pool().size(); }
+
+namespace {
+std::atomic<int> g_emulated_sms{132};
+}
+
+int emulated_sm_count() { return g_emulated_sms.load(); }
+
+void set_emulated_sm_count(int n) {
+    if (n < 1) throw std::invalid_argument("set_emulated_sm_count: n = " + std::to_string(n) + ", expected >= 1");
+    g_emulated_sms.store(n);
+}
 
 std::map<std::string, int> launch_bounds_seen() {
     std::lock_guard<std::mutex> lk(bounds_seen_mutex());
