@@ -12,7 +12,9 @@
 // tiles for the card (the FC layers at batch 128: fc6's forward has 128) splits K (tile.cuh, SplitK): each range
 // writes its partial C to a workspace and sgemm_splitk_reduce adds them in range order and applies the epilogue.
 // Loads are float4 when VEC (every row start 16-byte aligned) and the four elements are in bounds; tiles
-// that hang over the matrix edge are zero-filled, so any M, N, K works.
+// that hang over the matrix edge are zero-filled, so any M, N, K works. With VEC an operand stored (K, rows)
+// (A when TRANS_A, B when !TRANS_B: dx = dy w's w, both of dw = dy^T x) is copied by cp.async (async_copy.cuh)
+// straight into its shared buffer: no registers, no shared stores.
 #include "common.cuh"
 #include "kernels.h"
 #include "tile.cuh"
@@ -47,19 +49,32 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
             for (int j = 0; j < 4; ++j) v[j] = (r < rows && c + j < cols) ? P[int64_t(r) * ld + c + j] : 0.0f;
         }
     };
+    // The same four elements copied with cp.async straight into shared memory (VEC: the source is 16-byte
+    // aligned); past the edge it reads only what is in bounds and zero-fills the rest.
+    auto copy4 = [](float* dst, const float* P, int ld, int rows, int cols, int r, int c) {
+        const int valid = r < rows ? max(0, min(4, cols - c)) : 0;
+        cp_async<16>(dst, valid ? P + int64_t(r) * ld + c : P, 4 * valid);
+    };
+    // A row-contiguous operand needs no transpose on its way to shared memory: with VEC it goes by cp.async.
+    constexpr bool ASYNC_A = VEC && TRANS_A, ASYNC_B = VEC && !TRANS_B;
     float a_stage[BM / 64][4], b_stage[BN / 64][4];
-    auto fetch_slice = [&](int k0) {
+    auto fetch_slice = [&](int k0, int buf) {
         for (int g = 0; g < BM / 64; ++g) {
-            if (TRANS_A) fetch4(A, lda, k_end, M, k0 + RStageA::kk(g), m0 + RStageA::row(), a_stage[g]);
+            if (ASYNC_A) copy4(&tiles.a[buf][RStageA::kk(g)][RStageA::row()], A, lda, k_end, M, k0 + RStageA::kk(g),
+                               m0 + RStageA::row());
+            else if (TRANS_A) fetch4(A, lda, k_end, M, k0 + RStageA::kk(g), m0 + RStageA::row(), a_stage[g]);
             else fetch4(A, lda, M, k_end, m0 + KStageA::row(g), k0 + KStageA::kk(), a_stage[g]);
         }
         for (int g = 0; g < BN / 64; ++g) {
-            if (TRANS_B) fetch4(B, ldb, N, k_end, n0 + KStageB::row(g), k0 + KStageB::kk(), b_stage[g]);
+            if (ASYNC_B) copy4(&tiles.b[buf][RStageB::kk(g)][RStageB::row()], B, ldb, k_end, N, k0 + RStageB::kk(g),
+                               n0 + RStageB::row());
+            else if (TRANS_B) fetch4(B, ldb, N, k_end, n0 + KStageB::row(g), k0 + KStageB::kk(), b_stage[g]);
             else fetch4(B, ldb, k_end, N, k0 + RStageB::kk(g), n0 + RStageB::row(), b_stage[g]);
         }
     };
     auto store_slice = [&](int buf) {
         for (int g = 0; g < BM / 64; ++g) {
+            if (ASYNC_A) continue;  // already on its way (fetch_slice)
             if (TRANS_A) {
                 *reinterpret_cast<float4*>(&tiles.a[buf][RStageA::kk(g)][RStageA::row()]) =
                     make_float4(a_stage[g][0], a_stage[g][1], a_stage[g][2], a_stage[g][3]);
@@ -68,6 +83,7 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
             }
         }
         for (int g = 0; g < BN / 64; ++g) {
+            if (ASYNC_B) continue;
             if (TRANS_B) {
                 for (int j = 0; j < 4; ++j) tiles.b[buf][KStageB::kk() + j][KStageB::row(g)] = b_stage[g][j];
             } else {
@@ -78,11 +94,18 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
     };
 
     float acc[TM][TN] = {};
-    tile_k_loop(k_begin, k_end, tiles, fetch_slice, store_slice, acc);
+    if constexpr (ASYNC_A || ASYNC_B) {
+        tile_k_loop<BM, true>(k_begin, k_end, tiles, fetch_slice, store_slice, acc);
+    } else {
+        tile_k_loop(k_begin, k_end, tiles, [&](int k0) { fetch_slice(k0, 0); }, store_slice, acc);
+    }
 
+    // Unrolled, so that acc stays in registers (a loop nvcc leaves rolled indexes it at run time: local memory).
+#pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int m = m0 + tile_row(i);
         if (m >= M) continue;
+#pragma unroll
         for (int j = 0; j < TN; ++j) {
             const int n = n0 + tile_col(j);
             if (n >= N) continue;

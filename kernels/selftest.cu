@@ -7,6 +7,7 @@
 #include <cassert>  // before common.cuh: the emulator redefines assert as a KernelError
 #include <cstring>
 
+#include "async_copy.cuh"
 #include "common.cuh"
 #include "elementwise.cuh"
 #include "kernels.h"
@@ -650,6 +651,35 @@ __global__ void planted_race_between_blocks(float* s) {
 }
 #endif
 
+// ---- cp.async (async_copy.cuh): a two-stage pipeline, and the ways to get one wrong ---------------------------
+// Three 256-float tiles of s through two shared buffers: thread t copies float4 t of each (thread 63 only half of
+// the last one: the rest is zero-filled) and adds up float4 t ^ 1, its partner's copy, into s[768 + t].
+enum AsyncFault { kAsyncCorrect, kAsyncReadBeforeWait, kAsyncNoBarrierAfterWait, kAsyncRefillTooEarly, kAsyncMisaligned };
+
+template <int FAULT>
+__global__ void __launch_bounds__(64) planted_async_copy(float* s) {
+    __shared__ __align__(16) float tile[2][256];
+    const int t = threadIdx.x;
+    auto issue = [&](int n) {
+        const int src_bytes = n == 2 && t == 63 ? 8 : 16;
+        float* dst = &tile[n & 1][4 * t + (FAULT == kAsyncMisaligned ? 1 : 0)];
+        cp_async<16>(dst, s + 256 * n + 4 * t, src_bytes);
+        cp_async_commit();
+    };
+    float acc = 0.0f;
+    issue(0);
+    for (int n = 0; n < 3; ++n) {
+        if (n + 1 < 3) issue(n + 1);
+        else cp_async_commit();  // an empty group: the wait below still means "all but the newest group"
+        if (FAULT == kAsyncReadBeforeWait) acc += tile[(n + 1) & 1][4 * t];  // its own next copy, in flight
+        cp_async_wait<1>();
+        if (FAULT != kAsyncNoBarrierAfterWait) __syncthreads();  // the partner's copy is visible after this
+        for (int e = 0; e < 4; ++e) acc += tile[n & 1][4 * (t ^ 1) + e];
+        if (FAULT != kAsyncRefillTooEarly) __syncthreads();  // the buffer is refilled next iteration
+    }
+    s[768 + t] = acc;
+}
+
 long long selftest_static_shared_bytes() { return static_shared_bytes(selftest_tiled_gemm_kernel<16>); }
 
 void selftest_planted(const char* fault, float* s, Stream stream) {
@@ -667,6 +697,12 @@ void selftest_planted(const char* fault, float* s, Stream stream) {
     else if (f == "grid_too_large") PA_LAUNCH(planted_trivial, dim3(1, 70000), 32, 0, st, s);
     else if (f == "dynamic_shared_over_limit") PA_LAUNCH(planted_dynamic_shared, 1, 32, 64 * 1024, st, s);
     else if (f == "dynamic_shared_over_optin") set_max_dynamic_shared(planted_dynamic_shared, 300 * 1024);
+    else if (f == "async_copy") PA_LAUNCH(planted_async_copy<kAsyncCorrect>, 1, 64, 0, st, s);
+    else if (f == "async_read_before_wait") PA_LAUNCH(planted_async_copy<kAsyncReadBeforeWait>, 1, 64, 0, st, s);
+    else if (f == "async_no_barrier_after_wait")
+        PA_LAUNCH(planted_async_copy<kAsyncNoBarrierAfterWait>, 1, 64, 0, st, s);
+    else if (f == "async_refill_too_early") PA_LAUNCH(planted_async_copy<kAsyncRefillTooEarly>, 1, 64, 0, st, s);
+    else if (f == "async_misaligned") PA_LAUNCH(planted_async_copy<kAsyncMisaligned>, 1, 64, 0, st, s);
 #if !defined(__CUDACC__)
     else if (f == "static_shared_over_limit") PA_LAUNCH(planted_static_shared, 1, 32, 0, st, s);
     else if (f == "stack_overflow") PA_LAUNCH(planted_stack_overflow, 1, 8, 0, st, s);

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 
+#include "async_copy.cuh"
 #include "common.cuh"
 
 namespace pa {
@@ -113,20 +114,34 @@ inline SplitK choose_split_k(long long tiles, int layers, int K, int BK, int sms
 
 // fetch(k0): load slice [k0, k0 + BK) into the caller's registers (zero at and past k_end); store(buf): write
 // them into buffer `buf`. The loop covers [k_begin, k_end).
-template <int BM, class Fetch, class Store>
+//
+// ASYNC: fetch(k0, buf) may also copy operands straight into buffer `buf` with cp.async (async_copy.cuh; where
+// a row of the slice is contiguous and 16-byte aligned, so no register holds it and no STS writes it). The copies
+// of a slice are one group, issued into the buffer the barrier before has freed and waited for before the
+// barrier that ends the slice: they overlap the slice's FFMAs, as the register-staged loads do.
+template <int BM, bool ASYNC = false, class Fetch, class Store>
 __device__ __forceinline__ void tile_k_loop(int k_begin, int k_end, TileBuffers<BM>& s, Fetch&& fetch, Store&& store,
                                             float (&acc)[BM / 16][kTileN / 16]) {
     constexpr int TM = BM / 16, TN = kTileN / 16, BK = kTileBK;
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     const int slices = (k_end - k_begin + BK - 1) / BK;
+    auto fetch_into = [&](int k0, int buf) {
+        if constexpr (ASYNC) {
+            fetch(k0, buf);
+            cp_async_commit();
+        } else {
+            fetch(k0);
+        }
+    };
     if (slices > 0) {
-        fetch(k_begin);
+        fetch_into(k_begin, 0);
         store(0);
     }
+    if constexpr (ASYNC) cp_async_wait<0>();
     __syncthreads();
     for (int sl = 0; sl < slices; ++sl) {
         const int cur = sl & 1;
-        if (sl + 1 < slices) fetch(k_begin + (sl + 1) * BK);
+        if (sl + 1 < slices) fetch_into(k_begin + (sl + 1) * BK, cur ^ 1);
         for (int k = 0; k < BK; ++k) {  // (unrolled whole, the FFMAs need more than 128 registers: spills)
             float av[TM], bv[TN];
             for (int blk = 0; blk < TM / 4; ++blk) {
@@ -141,6 +156,7 @@ __device__ __forceinline__ void tile_k_loop(int k_begin, int k_end, TileBuffers<
                 for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
         }
         if (sl + 1 < slices) store(cur ^ 1);
+        if constexpr (ASYNC) cp_async_wait<0>();
         __syncthreads();
     }
 }

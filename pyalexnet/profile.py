@@ -180,9 +180,13 @@ def record_step(variant="torchvision", batch=128, interior=DEFAULT_INTERIOR, see
     return net, launches
 
 
+WRAPPERS = "/kernels/async_copy.cuh"  # instruction wrappers, always inlined: their call site is the line
+
+
 def source_lines(pcs) -> dict[int, str]:
     """pc offset in pyalexnet._emu_profile -> 'kernels/file:line' (the innermost frame in kernel source, as
-    addr2line names it with inlining), or the hex offset where addr2line is missing."""
+    addr2line names it with inlining, past the emulator's frames and the instruction wrappers of
+    kernels/async_copy.cuh), or the hex offset where addr2line is missing."""
     pcs = sorted({int(p) for p in pcs})
     out = {p: hex(p) for p in pcs}
     if not pcs:
@@ -201,7 +205,7 @@ def source_lines(pcs) -> dict[int, str]:
         elif block is not None:
             block.append(line.split(" (discriminator")[0].strip())
     for p, frames in zip(pcs, blocks):
-        kernel = [f for f in frames if "/kernels/" in f and "/kernels/emu/" not in f]
+        kernel = [f for f in frames if "/kernels/" in f and "/kernels/emu/" not in f and WRAPPERS not in f]
         chosen = (kernel or frames or [hex(p)])[0]
         k = chosen.rfind("/kernels/")
         out[p] = chosen[k + 1:] if k >= 0 else chosen

@@ -80,7 +80,7 @@ def test_linear_without_bias_and_unaligned(rng):
 
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (65, 63, 17), (64, 128, 32), (3, 5, 300)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (65, 63, 17), (64, 128, 32), (3, 5, 300), (68, 132, 36), (4, 8, 1000)])
 def test_sgemm_is_bitwise_exact_on_small_integers(rng, trans_a, trans_b, m, n, k):
     # Products and sums of small integers are exact in float32, so the result must equal the reference bit
     # for bit, whatever the summation order: any indexing slip shows.

@@ -276,6 +276,11 @@ std::vector<std::pair<unsigned, double>> dimension_sample(unsigned n, int interi
 
 }  // namespace
 
+void async_copy_access(const void* src, size_t src_bytes, void* dst, size_t bytes, uintptr_t pc) {
+    access(src, src_bytes, 0, pc);     // the global side of the LDGSTS (none for a zero-filled copy)
+    access(dst, bytes, 1, pc - 1);     // its shared side, counted as an instruction of its own
+}
+
 void set_interior_samples(int n) { g_interior.store(std::max(0, n)); }
 int interior_samples() { return g_interior.load(); }
 

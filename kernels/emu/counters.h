@@ -68,6 +68,9 @@ void warp_converged(int warp);  // every live lane of the warp has joined one wa
 void lane_exited(int thread);   // the thread has finished: the warp's instructions no longer wait for it
 void end_block();
 void end_launch(bool failed);
+// A cp.async (runtime.cpp, async_copy) at instruction `pc`: its global read and its shared write, counted at the
+// issue (the copy itself is made later, uncounted).
+void async_copy_access(const void* src, size_t src_bytes, void* dst, size_t bytes, uintptr_t pc);
 
 // Python's side (bindings.cpp): 0 runs every block; n > 0 samples the first, the last and n interior blocks
 // of each grid dimension.

@@ -337,6 +337,16 @@ unsigned active_mask();
 // watchdog, later; runtime.cpp).
 void nanosleep_yield(const char* file, int line);
 [[noreturn]] void device_assert_failed(const char* expression, const char* file, int line);
+// cp.async (kernels/async_copy.cuh): the calling thread queues a copy of `bytes` (4, 8 or 16) from global `src`
+// to shared `dst`, of which only the first `src_bytes` are read (the rest is zero-filled), in its open group.
+// The destination holds the poison (every float a NaN) until the group is waited for: the copy is made then,
+// in issue order, so a read that comes too early gets garbage here, and the race-check build reports it with
+// both lines. Misaligned or mis-placed operands are a KernelError naming the line, as the GPU's fault would be.
+void async_copy(void* dst, const void* src, int bytes, int src_bytes, const char* file, int line);
+// cp.async.commit_group: the open group is closed (an empty group is a group too).
+void async_copy_commit();
+// cp.async.wait_group N: every committed group but the newest `pending` is complete.
+void async_copy_wait(int pending);
 // Every lane of `mask` must call the same collective; the result for the calling lane comes back.
 // `value` carries up to 8 bytes of the lane's operand (a predicate for votes); `arg` is srcLane/delta/laneMask.
 uint64_t warp_collective(Collective kind, const char* file, int line, unsigned mask, uint64_t value,

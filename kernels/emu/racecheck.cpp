@@ -107,8 +107,18 @@ struct Uninitialised {
     Stamp now;
 };
 
+// An access to a cp.async destination still in flight (async_issued to async_landed).
+struct InFlight {
+    bool found = false;
+    uintptr_t addr = 0;
+    bool write = false;
+    Stamp now, issue;
+};
+
 Shadow g_shadow;
 Uninitialised g_uninit;
+std::unordered_map<uintptr_t, Stamp> g_in_flight;  // 4-byte granule -> the cp.async copying into it
+InFlight g_in_flight_access;
 uint32_t g_launch = 0;
 const LaunchInfo* g_info = nullptr;
 BlockMemory g_block;
@@ -242,12 +252,25 @@ bool out_of_bounds(const unsigned char* c, size_t size, bool write, uintptr_t pc
     return true;
 }
 
+// Whether [addr, addr + size) touches a cp.async destination in flight; records the first such access.
+bool in_flight(uintptr_t addr, size_t size, bool write, uintptr_t pc) {
+    for (uintptr_t granule = addr & ~uintptr_t(3); granule < addr + size; granule += 4) {
+        const auto it = g_in_flight.find(granule);
+        if (it == g_in_flight.end()) continue;
+        if (!g_in_flight_access.found)
+            g_in_flight_access = InFlight{true, std::max(addr, granule), write, stamp(*t_who, 0, 0, pc), it->second};
+        return true;
+    }
+    return false;
+}
+
 void access(const volatile void* p, size_t size, bool write, bool atomic, uintptr_t pc) {
     if (!t_who || g_race.found || g_too_large || size == 0) return;
     const auto addr = reinterpret_cast<uintptr_t>(p);
     const auto* c = reinterpret_cast<const unsigned char*>(addr);
     if (c >= g_block.stacks_begin && c < g_block.stacks_end) return;  // a fiber's own stack
     if (out_of_bounds(c, size, write, pc)) return;
+    if (!g_in_flight.empty() && in_flight(addr, size, write, pc)) return;
     const uintptr_t end = addr + size;
     for (uintptr_t granule = addr & ~uintptr_t(3); granule < end && !g_race.found; granule += 4) {
         Granule* g = g_shadow.at(granule);
@@ -319,7 +342,35 @@ std::string describe(const Uninitialised& u, const LaunchInfo& info) {
            ", but no thread of its block wrote it in this launch (the GPU returns whatever was there)";
 }
 
+std::string describe(const InFlight& a, const LaunchInfo& info) {
+    char addr[32];
+    std::snprintf(addr, sizeof addr, "0x%zx", size_t(a.addr));
+    const bool own = a.now.thread == a.issue.thread;
+    return "cp.async destination in flight: thread " + fmt3(a.now.thread, info.block) + " of block " +
+           fmt3(a.now.block, info.grid) + (a.write ? " writes " : " reads ") + addr + " at " +
+           source_line(call_site(a.now.pc)) + ", which the cp.async of " +
+           (own ? std::string("the same thread") : "thread " + fmt3(a.issue.thread, info.block)) + " at " +
+           source_line(call_site(a.issue.pc)) + " is still copying (" +
+           (own ? "it must cp.async.wait_group for that copy's group first"
+                : "its thread must wait for the copy's group, and a __syncthreads() follow, first") + ")";
+}
+
 }  // namespace
+
+void async_issued(const void* dst, size_t bytes, const void* src, size_t src_bytes, uintptr_t pc) {
+    if (!t_who) return;
+    if (src_bytes) access(src, src_bytes, false, false, pc);
+    access(dst, bytes, true, false, pc);
+    const auto d = reinterpret_cast<uintptr_t>(dst);
+    const Stamp issue = stamp(*t_who, 0, 0, pc);
+    for (uintptr_t granule = d & ~uintptr_t(3); granule < d + bytes; granule += 4) g_in_flight[granule] = issue;
+}
+
+void async_landed(const void* dst, size_t bytes, uintptr_t pc) {
+    const auto d = reinterpret_cast<uintptr_t>(dst);
+    for (uintptr_t granule = d & ~uintptr_t(3); granule < d + bytes; granule += 4) g_in_flight.erase(granule);
+    if (t_who) access(dst, bytes, true, false, pc);
+}
 
 void begin_launch(const LaunchInfo& info) {
     if (!g_module_base) {
@@ -337,15 +388,22 @@ void begin_launch(const LaunchInfo& info) {
     g_race = Race{};
     g_oob = OutOfBounds{};
     g_uninit = Uninitialised{};
+    g_in_flight.clear();
+    g_in_flight_access = InFlight{};
     g_too_large = false;
 }
 
-void begin_block(const BlockMemory& memory) { g_block = memory; }
+void begin_block(const BlockMemory& memory) {
+    g_block = memory;
+    g_in_flight.clear();  // (the last block's copies landed when its threads ended, or it failed)
+}
 
 std::string end_launch() {
     std::string out;
     if (g_oob.found && g_info)
         out = describe(g_oob, *g_info);
+    else if (g_in_flight_access.found && g_info)
+        out = describe(g_in_flight_access, *g_info);
     else if (g_race.found && g_info)
         out = describe(g_race, *g_info);
     else if (g_uninit.found && g_info)
@@ -357,6 +415,8 @@ std::string end_launch() {
     g_race = Race{};
     g_oob = OutOfBounds{};
     g_uninit = Uninitialised{};
+    g_in_flight.clear();
+    g_in_flight_access = InFlight{};
     g_block = BlockMemory{};
     g_info = nullptr;
     g_too_large = false;

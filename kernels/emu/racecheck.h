@@ -70,6 +70,14 @@ struct BlockMemory {
     std::vector<Forbidden> forbidden;  // sorted by begin
 };
 
+// cp.async (runtime.cpp, async_copy). At the issue the source is read and the destination written, as accesses
+// of the issuing thread at the cp.async's instruction `pc`; from then until its group is waited for the
+// destination is in flight, and any access to it, by any thread (the issuer too), is reported with both lines.
+// At the wait it is written again (landed) by the issuing thread: a thread that reads it with no barrier after
+// that wait races with it.
+void async_issued(const void* dst, size_t bytes, const void* src, size_t src_bytes, uintptr_t pc);
+void async_landed(const void* dst, size_t bytes, uintptr_t pc);
+
 void begin_launch(const LaunchInfo& info);
 void begin_block(const BlockMemory& memory);
 // The first race the launch made, described with both accesses' kernel source lines; empty if none.

@@ -23,6 +23,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -112,6 +113,16 @@ enum class Yielded : unsigned char { No, Preempted, Nanosleep, Atomic };
 
 struct Group;
 
+// One cp.async in flight: its source as it was read at the issue (the GPU may read it any time before the
+// wait; a kernel that changes it in between is wrong either way), and where it lands.
+struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char data[16];
+    int bytes;
+    unsigned group;
+    uintptr_t pc;  // the issuing instruction (the race checker's reports name its line)
+};
+
 struct Fiber {
 #if defined(PA_EMU_OWN_SWITCH)
     void* sp = nullptr;  // its stack pointer while it is switched out
@@ -136,6 +147,10 @@ struct Fiber {
 #if PA_EMU_RACE
     race::Who who;
 #endif
+    // cp.async copies in flight, in issue order (async_copy), and the groups committed so far: a copy belongs to
+    // the group that was open when it was issued (its number: the count committed before it).
+    std::vector<AsyncCopy> async;
+    unsigned async_committed = 0;
 };
 
 // One warp collective in progress: lanes arrive one by one; it completes when `arrived == mask`.
@@ -291,6 +306,7 @@ std::string thread_at(const Fiber& f) { return "thread " + fmt_idx(f.idx); }
 
 // ---- context switching ---------------------------------------------------------------------------------
 void lane_exited(Worker& w, Fiber& f);
+void land_async_copies(Fiber& f, unsigned before_group);
 
 void note_progress(Worker& w) { w.progress.store(w.progress.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
 
@@ -307,6 +323,7 @@ void run_thread_body(Fiber* f) {
         set_depth(*f, 0);
         (*t_worker->body)();
         set_depth(*f, 1);
+        land_async_copies(*f, ~0u);  // a thread may end with copies in flight: the GPU completes them
         lane_exited(*t_worker, *f);
     } catch (const std::exception& e) {
         set_depth(*f, 1);
@@ -583,6 +600,8 @@ void run_block(Worker& w, const LaunchInfo& info, const std::vector<std::pair<si
         f.linear = i;
         f.state = State::Runnable;
         f.group = nullptr;
+        f.async.clear();  // (a failed block may leave copies behind)
+        f.async_committed = 0;
 #if PA_EMU_RACE
         f.who = race::Who{uint32_t(linear_block), uint32_t(i), 0, {}};
 #endif
@@ -1295,9 +1314,11 @@ std::string source_line(uintptr_t offset) {
         if (const auto d = s.find(" (discriminator"); d != std::string::npos) s.erase(d);
         if (s.empty() || s.rfind("??", 0) == 0) continue;
         if (first.empty()) first = s;
-        // Paths relative to the repository, as the other emulator reports give them.
+        // Paths relative to the repository, as the other emulator reports give them. The emulator's own frames
+        // and the instruction wrappers (async_copy.cuh) are not the kernel's line: the call site is.
         const auto k = s.rfind("/kernels/");
-        if (kernel.empty() && k != std::string::npos && s.find("/kernels/emu/") == std::string::npos)
+        if (kernel.empty() && k != std::string::npos && s.find("/kernels/emu/") == std::string::npos &&
+            s.find("/kernels/async_copy.cuh") == std::string::npos)
             kernel = s.substr(k + 1);
     }
     pclose(f);
@@ -1413,6 +1434,79 @@ void atomic_poll() {
 void device_assert_failed(const char* expression, const char* file, int line) {
     set_depth(*t_fiber, t_fiber->runtime_depth + 1);  // never lowered: the thread ends
     throw pa::KernelError("assertion failed at " + site(file, line) + ", " + thread_at(*t_fiber) + ": " + expression);
+}
+
+namespace {
+// Whether [p, p + bytes) lies in the running block's shared memory (its dynamic shared memory, or the TLS block
+// that holds the __shared__ objects; in the ASan build those are plain statics, so only the dynamic part is known).
+bool in_block_shared(const Worker& w, const void* p, size_t bytes) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    if (c >= t_dynamic_shared && c + bytes <= w.dynamic_guard) return true;
+    return w.tls_block && c >= w.tls_block && c + bytes <= w.tls_block + w.tls_size;
+}
+
+// Makes the copies of every group numbered below `before_group`, in issue order, and forgets them.
+void land_async_copies(Fiber& f, unsigned before_group) {
+    size_t kept = 0;
+    for (size_t i = 0; i < f.async.size(); ++i) {
+        const AsyncCopy& c = f.async[i];
+        if (c.group >= before_group) {
+            f.async[kept++] = c;
+            continue;
+        }
+#if PA_EMU_RACE
+        race::async_landed(c.dst, size_t(c.bytes), c.pc);
+#endif
+        std::memcpy(c.dst, c.data, size_t(c.bytes));
+    }
+    f.async.resize(kept);
+}
+}  // namespace
+
+void async_copy(void* dst, const void* src, int bytes, int src_bytes, const char* file, int line) {
+    const auto pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+    Worker& w = *t_worker;
+    Fiber& f = *t_fiber;
+    auto fail = [&](const std::string& why) {
+        throw pa::KernelError("cp.async at " + site(file, line) + ", " + thread_at(f) + ": " + why);
+    };
+    if (bytes != 4 && bytes != 8 && bytes != 16)
+        fail("copies 4, 8 or 16 bytes, not " + std::to_string(bytes));
+    if (src_bytes < 0 || src_bytes > bytes)
+        fail("reads " + std::to_string(src_bytes) + " source bytes of a " + std::to_string(bytes) + "-byte copy");
+    char where[64];
+    if (reinterpret_cast<uintptr_t>(dst) % unsigned(bytes)) {
+        std::snprintf(where, sizeof where, "%p", dst);
+        fail("misaligned shared destination " + std::string(where) + " for a " + std::to_string(bytes) + "-byte copy");
+    }
+    if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % unsigned(bytes)) {
+        std::snprintf(where, sizeof where, "%p", src);
+        fail("misaligned global source " + std::string(where) + " for a " + std::to_string(bytes) + "-byte copy");
+    }
+#if !PA_EMU_ASAN
+    if (!in_block_shared(w, dst, size_t(bytes))) fail("the destination is not the block's shared memory");
+#endif
+    if (src_bytes > 0 && in_block_shared(w, src, size_t(src_bytes)))
+        fail("the source is shared memory (cp.async copies global to shared)");
+#if PA_EMU_RACE
+    race::async_issued(dst, size_t(bytes), src, size_t(src_bytes), pc);
+#endif
+#if PA_EMU_PROF
+    prof::async_copy_access(src, size_t(src_bytes), dst, size_t(bytes), pc);
+#endif
+    AsyncCopy c{static_cast<unsigned char*>(dst), {}, bytes, f.async_committed, pc};
+    if (src_bytes > 0) std::memcpy(c.data, src, size_t(src_bytes));
+    std::memset(c.data + src_bytes, 0, size_t(bytes - src_bytes));
+    std::memset(dst, 0xff, size_t(bytes));  // until the group is waited for, the destination is undefined
+    f.async.push_back(c);
+}
+
+void async_copy_commit() { ++t_fiber->async_committed; }
+
+void async_copy_wait(int pending) {
+    Fiber& f = *t_fiber;
+    const unsigned keep = unsigned(std::max(pending, 0));
+    land_async_copies(f, f.async_committed > keep ? f.async_committed - keep : 0u);
 }
 
 namespace {
